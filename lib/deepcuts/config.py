@@ -1,0 +1,288 @@
+"""One typed, validated configuration object for the whole pipeline.
+
+Every default lives in ``conf/deepcuts.toml``; the dataclasses below only say
+what each key *is* (type, allowed values, range).  A key missing from the file,
+an unknown key, or a bad value stops the job with a message that names the key
+and what is allowed, before any Spark work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONF_FILE = PROJECT_ROOT / "conf" / "deepcuts.toml"
+CONF_FILE_ENV = "DEEPCUTS_CONF"
+
+
+class ConfigError(ValueError):
+    """A configuration key is missing, unknown, or has a value that is not allowed."""
+
+
+def rule(*, choices: Iterable[Any] | None = None, min: float | None = None,
+         max: float | None = None, min_exclusive: bool = False, doc: str = "") -> Any:
+    """Declare the constraints of a config field (kept as dataclass metadata)."""
+    return field(metadata={"choices": tuple(choices) if choices is not None else None,
+                           "min": min, "max": max, "min_exclusive": min_exclusive, "doc": doc})
+
+
+@dataclass(frozen=True)
+class WarehouseConf:
+    root: str = rule(doc="local path or s3://bucket/prefix under which every table lives")
+    keep_snapshots: int = rule(min=1, doc="committed snapshots kept per table before vacuum")
+
+
+@dataclass(frozen=True)
+class SparkConf:
+    app_name: str = rule()
+    checkpoint_dir: str = rule(doc="ALS lineage checkpoints; empty = <warehouse>/_checkpoints")
+    shuffle_partitions: int = rule(min=1)
+    arrow_batch_rows: int = rule(min=1, doc="rows per Arrow batch for mel-sized rows")
+
+
+@dataclass(frozen=True)
+class DemoConf:
+    out_dir: str = rule()
+    n_tracks: int = rule(min=8)
+    n_users: int = rule(min=8)
+    n_styles: int = rule(min=2, max=8)
+    min_seconds: float = rule(min=1.0)
+    max_seconds: float = rule(min=1.0)
+    seed: int = rule(min=0)
+    codecs: list[str] = rule(choices=("wav", "flac", "ogg", "mp3", "opus"))
+    sample_rates: list[int] = rule(choices=(22050, 44100, 48000))
+    mean_plays_per_user: float = rule(min=1.0)
+
+
+@dataclass(frozen=True)
+class IngestConf:
+    source: str = rule(doc="folder, manifest (.csv/.parquet) or s3://bucket/prefix")
+    extensions: list[str] = rule()
+    sample_rate: int = rule(min=8000, max=96000)
+    n_mels: int = rule(min=16, max=512)
+    n_fft: int = rule(min=256, max=8192)
+    hop_length: int = rule(min=64, max=8192)
+    excerpt: str = rule(choices=("middle", "whole"))
+    excerpt_seconds: float = rule(min=1.0)
+    min_seconds: float = rule(min=0.5, doc="shorter tracks are rejected: must cover the model's window")
+    max_channels: int = rule(min=1)
+    min_source_rate: int = rule(min=1000)
+    max_source_rate: int = rule(min=1000)
+    silence_dbfs: float = rule(max=0.0, doc="tracks whose RMS is below this are rejected as silent")
+    rows_per_row_group: int = rule(min=1, doc="mels per Parquet row group (one Petastorm batch)")
+    rows_per_file: int = rule(min=1)
+    partitions: int = rule(min=0, doc="decode tasks; 0 = 4 x default parallelism")
+    on_missing: str = rule(choices=("keep", "drop"), doc="what to do with mels whose source vanished")
+
+
+@dataclass(frozen=True)
+class FactorsConf:
+    plays: str = rule(doc="play events: a .csv/.parquet file or folder")
+    plays_format: str = rule(choices=("aggregated", "events"))
+    unknown_tracks: str = rule(choices=("keep", "reject"))
+    rank: int = rule(min=1)
+    reg: float = rule(min=0.0)
+    alpha: float = rule(min=0.0, min_exclusive=True)
+    epsilon: float = rule(min=0.0, min_exclusive=True)
+    iterations: int = rule(min=1)
+    blocks: int = rule(min=0, doc="0 = Spark's default parallelism")
+    checkpoint_interval: int = rule(min=1)
+    seed: int = rule(min=0)
+    min_track_listeners: int = rule(min=0, doc="tracks with fewer listeners get no ALS factors")
+    evaluate: bool = rule()
+    cold_fraction: float = rule(min=0.0, max=0.9)
+    warm_fraction: float = rule(min=0.0, max=0.9)
+    eval_k: int = rule(min=1)
+    eval_seed: int = rule(min=0)
+
+
+@dataclass(frozen=True)
+class TrainConf:
+    target: str = rule(choices=("factors", "labels"))
+    loss: str = rule(choices=("mse", "wpe"))
+    crop_seconds: float = rule(min=0.5)
+    batch_size: int = rule(min=1)
+    epochs: int = rule(min=1)
+    learning_rate: float = rule(min=0.0, min_exclusive=True)
+    weight_decay: float = rule(min=0.0)
+    optimizer: str = rule(choices=("adam", "adamw", "sgd"))
+    schedule: str = rule(choices=("constant", "cosine"))
+    patience: int = rule(min=1)
+    conv_channels: list[int] = rule()
+    conv_kernel: int = rule(min=1)
+    pool_sizes: list[int] = rule()
+    dense_units: int = rule(min=1)
+    dropout: float = rule(min=0.0, max=0.95)
+    validation_fraction: float = rule(min=0.0, max=0.5)
+    loader_workers: int = rule(min=1)
+    device: str = rule(choices=("auto", "cpu", "cuda"))
+    seed: int = rule(min=0)
+
+
+@dataclass(frozen=True)
+class InferConf:
+    model: str = rule(doc="model id to score with; empty = the latest")
+    scoring: str = rule(choices=("whole", "windows"))
+    window_seconds: float = rule(min=0.5)
+    batch_size: int = rule(min=1)
+    min_plays_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
+    incremental: bool = rule()
+
+
+@dataclass(frozen=True)
+class Config:
+    warehouse: WarehouseConf
+    spark: SparkConf
+    demo: DemoConf
+    ingest: IngestConf
+    factors: FactorsConf
+    train: TrainConf
+    infer: InferConf
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted-key overrides, validated like the file."""
+        return build_config(to_dict(self), overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _allowed(meta: Mapping[str, Any], typ: Any) -> str:
+    parts = [getattr(typ, "__name__", str(typ))]
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(map(repr, meta["choices"])))
+    if meta.get("min") is not None:
+        parts.append(("> " if meta.get("min_exclusive") else ">= ") + str(meta["min"]))
+    if meta.get("max") is not None:
+        parts.append("<= " + str(meta["max"]))
+    return "; ".join(parts)
+
+
+def _check_scalar(key: str, value: Any, typ: type, meta: Mapping[str, Any]) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise ConfigError(f"{key} = {value!r}: expected {_allowed(meta, typ)}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key} = {value!r}: expected {_allowed(meta, typ)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        raise ConfigError(f"{key} = {value!r}: expected {_allowed(meta, typ)}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r}: expected {_allowed(meta, typ)}")
+    return value
+
+
+def _check_value(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
+    if typing.get_origin(typ) is list:
+        (item_type,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {item_type.__name__}")
+        return [_check_scalar(f"{key}[{i}]", v, item_type, meta) for i, v in enumerate(value)]
+    return _check_scalar(key, value, typ, meta)
+
+
+def _build_section(cls: type, name: str, raw: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; allowed keys in [{name}]: "
+                          + ", ".join(sorted(fields)))
+    missing = sorted(set(fields) - set(raw))
+    if missing:
+        raise ConfigError(f"missing key {name}.{missing[0]} (every default belongs in conf/deepcuts.toml)")
+    values = {k: _check_value(f"{name}.{k}", raw[k], hints[k], fields[k].metadata) for k in fields}
+    return cls(**values)
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse the value of ``--set key=value`` as TOML (numbers, booleans, lists), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key or "." in key:
+            raise ConfigError(f"override {dotted!r}: expected section.key")
+        if section not in raw:
+            raise ConfigError(f"unknown section {section!r} in override {dotted!r}; sections: "
+                              + ", ".join(sorted(raw)))
+        raw[section][key] = parse_override_value(value) if isinstance(value, str) else value
+
+
+def _cross_checks(cfg: Config) -> None:
+    ing = cfg.ingest
+    if ing.min_source_rate > ing.max_source_rate:
+        raise ConfigError("ingest.min_source_rate must be <= ingest.max_source_rate")
+    if ing.excerpt == "middle" and ing.min_seconds > ing.excerpt_seconds:
+        raise ConfigError("ingest.min_seconds must be <= ingest.excerpt_seconds")
+    if cfg.train.crop_seconds > ing.min_seconds:
+        raise ConfigError(f"train.crop_seconds ({cfg.train.crop_seconds}) must be <= ingest.min_seconds "
+                          f"({ing.min_seconds}): every stored mel must cover the model's window")
+    if ing.n_fft < ing.hop_length:
+        raise ConfigError("ingest.n_fft must be >= ingest.hop_length")
+    if cfg.demo.min_seconds > cfg.demo.max_seconds:
+        raise ConfigError("demo.min_seconds must be <= demo.max_seconds")
+    if len(cfg.train.pool_sizes) != len(cfg.train.conv_channels):
+        raise ConfigError("train.pool_sizes needs one entry per train.conv_channels entry")
+
+
+def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    _apply_overrides(raw, overrides or {})
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; sections: " + ", ".join(sorted(sections)))
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name in sections:
+        if not isinstance(raw.get(name), Mapping):
+            raise ConfigError(f"missing section [{name}]")
+        built[name] = _build_section(hints[name], name, raw[name])
+    cfg = Config(**built)
+    _cross_checks(cfg)
+    return cfg
+
+
+def read_default_conf_text() -> str:
+    """The defaults file: from the checkout, or bundled into the zip that spark-submit.sh ships."""
+    if DEFAULT_CONF_FILE.is_file():
+        return DEFAULT_CONF_FILE.read_text()
+    bundled = importlib.resources.files("deepcuts").joinpath("_conf/deepcuts.toml")
+    if bundled.is_file():
+        return bundled.read_text()
+    raise ConfigError(f"defaults file not found: {DEFAULT_CONF_FILE} (nor bundled in the package)")
+
+
+def load_config(conf_file: str | os.PathLike | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ``conf/deepcuts.toml`` (or ``conf_file``/``$DEEPCUTS_CONF``), apply overrides, validate.
+
+    ``conf_file`` may hold a subset of keys: it is layered over the defaults.
+    """
+    raw = tomllib.loads(read_default_conf_text())
+    conf_file = conf_file or os.environ.get(CONF_FILE_ENV)
+    if conf_file and Path(conf_file).resolve() != DEFAULT_CONF_FILE:
+        try:
+            with open(conf_file, "rb") as fh:
+                layer = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {conf_file}: {exc}") from exc
+        for section, values in layer.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{conf_file}: top-level key {section!r} must be a [section]")
+            raw.setdefault(section, {}).update(values)
+    return build_config(raw, overrides)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The first README command: install what is needed, then run the whole nightly pipeline on the
+# embedded default (Spark local[*], a generated demo catalogue, ./warehouse).
+# Extra arguments go to the pipeline job, e.g. ./run-demo.sh --stages ingest,factors
+set -euo pipefail
+cd "$(dirname "$0")"
+bin/bootstrap.sh
+exec ./spark-submit.sh pipeline "$@"
