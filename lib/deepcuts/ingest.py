@@ -1,0 +1,277 @@
+"""The ingest stage: the catalogue's audio -> the ``mels`` table (+ ``ingest_rejects``).
+
+Incremental: a source whose (uri, size, version) matches the committed ``mels`` row,
+or an unchanged file already rejected for a lasting reason, is skipped.  New and
+changed files are decoded on the executors (:func:`decode_partition`, one
+``mapInPandas`` pass).  Rows superseded by a changed file are removed by rewriting
+only the data files that hold them, and everything is published in one atomic
+commit per table.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+from . import audio, catalogue
+from .audio import MelParams, RejectedAudio
+from .config import Config, ConfigError
+from .sparkio import read_table, warehouse, write_table
+from .tables import INGEST_REJECTS, MELS
+
+log = logging.getLogger(__name__)
+
+# Re-decoded every run even when the file is unchanged: the cause may have been passing.
+TRANSIENT_REASONS = (audio.READ_ERROR, audio.INTERNAL_ERROR, audio.SOURCE_MISSING)
+# Recomputed from the listing every run.
+LISTING_REASONS = (audio.SOURCE_MISSING, catalogue.BAD_MANIFEST_ROW, catalogue.DUPLICATE_TRACK_ID)
+
+DECODED_SCHEMA = pa.schema([f.with_nullable(True) for f in MELS.schema]
+                           + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+
+
+# --- executor side (pure: pandas in, pandas out) -------------------------------------------
+_S3 = None
+
+
+def _s3():
+    global _S3
+    if _S3 is None:
+        _S3 = catalogue.s3_client()
+    return _S3
+
+
+def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, run_id: str) -> dict:
+    """One listing row -> one ``mels`` row, or a row with ``reason``/``detail`` set."""
+    row = {"track_id": track_id, "source_uri": uri, "labels": labels, "ingest_run_id": run_id,
+           "source_size": None if pd.isna(size) else int(size), "source_version": version,
+           "reason": None, "detail": None}
+    try:
+        data = catalogue.read_source(uri, _s3() if uri.startswith("s3://") else None)
+        row["source_size"] = len(data)
+        feats = audio.featurise(data, p, audio.suffix_of(uri))
+    except RejectedAudio as rej:
+        row.update(reason=rej.reason, detail=rej.detail)
+        return row
+    except FileNotFoundError:
+        row.update(reason=audio.SOURCE_MISSING, detail="listed but gone when read")
+        return row
+    except OSError as exc:
+        row.update(reason=audio.READ_ERROR, detail=f"{type(exc).__name__}: {exc}")
+        return row
+    except Exception as exc:  # one bad file must never kill the job: record it and go on
+        row.update(reason=audio.INTERNAL_ERROR, detail=f"{type(exc).__name__}: {exc}"[:500])
+        return row
+    row.update(mel=audio.mel_to_bytes(feats.mel), n_mels=feats.mel.shape[0], n_frames=feats.mel.shape[1],
+               sample_rate=p.sample_rate, hop_length=p.hop_length,
+               excerpt_offset_s=feats.excerpt_offset_s, duration_s=feats.duration_s,
+               fingerprint=audio.fingerprint(data))
+    return row
+
+
+def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: listing rows in, decoded (or rejected) rows out, batch by batch."""
+    columns = DECODED_SCHEMA.names
+    for batch in batches:
+        rows = [featurise_row(r.track_id, r.uri, r.labels, r.source_size, r.source_version, p, run_id)
+                for r in batch.itertuples(index=False)]
+        yield pd.DataFrame(rows, columns=columns)
+
+
+def stat_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Fill in (size, version) where the listing could not (manifest rows)."""
+    for batch in batches:
+        sizes, versions = [], []
+        for uri, size, version in zip(batch["uri"], batch["source_size"], batch["source_version"]):
+            if not pd.isna(size) and version is not None:
+                sizes.append(int(size))
+                versions.append(version)
+                continue
+            try:
+                s, v = catalogue.stat_source(uri, _s3() if uri.startswith("s3://") else None)
+            except Exception:  # gone or unreadable: decode reports why, with the row kept
+                s, v = None, None
+            sizes.append(s)
+            versions.append(v)
+        yield batch.assign(source_size=pd.array(sizes, dtype="Int64"), source_version=versions)
+
+
+# --- driver side (Spark wiring) -----------------------------------------------------------
+def _read_manifest(spark, path: str):
+    """Manifest rows (track_id, uri, labels) with URIs resolved, and its bad rows as rejects."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+    if path.lower().endswith(".csv"):
+        raw = spark.read.option("header", True).option("inferSchema", False).csv(path)
+    else:
+        raw = spark.read.parquet(path)
+    missing = {"track_id", "uri"} - set(raw.columns)
+    if missing:
+        raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; needs track_id, uri[, labels]")
+    labels = F.col("labels").cast("string") if "labels" in raw.columns else F.lit(None).cast("string")
+    base = posixpath.dirname(path)
+    uri = F.trim(F.col("uri").cast("string"))
+    resolved = (F.when(uri.startswith("s3://") | uri.startswith("/"), uri)
+                .when(uri.startswith("file://"), F.expr("substring(trim(uri), 8)"))
+                .otherwise(F.concat(F.lit(base + "/"), uri)))
+    rows = raw.select(F.trim(F.col("track_id").cast("string")).alias("track_id"),
+                      resolved.alias("uri"), labels.alias("labels"),
+                      F.monotonically_increasing_id().alias("_row"))
+    bad = F.col("track_id").isNull() | (F.col("track_id") == "") | F.col("uri").isNull() | (F.col("uri") == "")
+    bad_rows = rows.filter(bad).select(
+        F.coalesce(F.nullif(F.col("track_id"), F.lit("")),
+                   F.concat(F.lit("<manifest row "), F.col("_row").cast("string"), F.lit(">"))).alias("track_id"),
+        F.col("uri").alias("source_uri"), F.lit(catalogue.BAD_MANIFEST_ROW).alias("reason"),
+        F.lit("manifest row without track_id or uri").alias("detail"))
+    good = rows.filter(~bad)
+    ranked = good.withColumn("_rank", F.row_number().over(Window.partitionBy("track_id").orderBy("uri", "_row")))
+    dupes = ranked.filter(F.col("_rank") > 1).select(
+        "track_id", F.col("uri").alias("source_uri"), F.lit(catalogue.DUPLICATE_TRACK_ID).alias("reason"),
+        F.lit("track_id listed more than once in the manifest; the first uri (sorted) is ingested").alias("detail"))
+    listing = ranked.filter(F.col("_rank") == 1).select(
+        "track_id", "uri", "labels", F.lit(None).cast("long").alias("source_size"),
+        F.lit(None).cast("string").alias("source_version"))
+    return listing, bad_rows.unionByName(dupes)
+
+
+def list_catalogue(spark, cfg: Config, run_id: str):
+    """(listing DataFrame, catalogue-level rejects DataFrame) for ``ingest.source``."""
+    from pyspark.sql.types import StructType
+    from pyspark.sql.pandas.types import from_arrow_schema
+    source = cfg.ingest.source
+    kind = catalogue.source_kind(source)
+    reject_schema = "track_id string, source_uri string, reason string, detail string"
+    if kind == "manifest":
+        if source.startswith("s3://"):
+            raise ConfigError("ingest.source: a manifest on S3 is not supported; list the s3:// prefix instead")
+        listing, rejects = _read_manifest(spark, source)
+        listing_schema: StructType = from_arrow_schema(catalogue.LISTING_SCHEMA)
+        listing = listing.mapInPandas(stat_partition, listing_schema)
+        return listing, rejects
+    entries = (catalogue.list_s3(source, cfg.ingest.extensions) if kind == "s3"
+               else catalogue.list_folder(source, cfg.ingest.extensions))
+    wh = warehouse(cfg)
+    staging = wh.local_path("_staging", run_id)
+    wh.fs.create_dir(staging if wh.is_local else staging[len("s3://"):], recursive=True)
+    path = posixpath.join(staging, "listing.parquet")
+    n = catalogue.write_listing(entries, path if wh.is_local else path[len("s3://"):], filesystem=wh.fs)
+    log.info("listed %d audio files under %s", n, source)
+    listing = spark.read.parquet(wh.uri("_staging", run_id, "listing.parquet"))
+    return listing, spark.createDataFrame([], reject_schema)
+
+
+def _row_group_bytes(cfg: Config) -> int:
+    """Parquet row-group size that holds ~rows_per_row_group mels (one Petastorm batch)."""
+    ing = cfg.ingest
+    frames = int(ing.excerpt_seconds * ing.sample_rate / ing.hop_length) + 1
+    return max(ing.rows_per_row_group * ing.n_mels * frames * 2, 1 << 20)
+
+
+def run(spark, cfg: Config, run_id: str) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    wh = warehouse(cfg)
+    params = MelParams.from_conf(cfg.ingest)
+    listing, catalogue_rejects = list_catalogue(spark, cfg, run_id)
+    listing = listing.persist(StorageLevel.MEMORY_AND_DISK)
+
+    mels_version = wh.snapshot(MELS.name).version if wh.exists(MELS.name) else 0
+    prev = read_table(spark, wh, MELS, with_file=True).select(
+        "track_id", F.col("source_uri").alias("prev_uri"), F.col("source_size").alias("prev_size"),
+        F.col("source_version").alias("prev_version"), "_file")
+    prev_rejects = read_table(spark, wh, INGEST_REJECTS)
+    lasting_rejects = prev_rejects.filter(~F.col("reason").isin(*TRANSIENT_REASONS)).select(
+        "track_id", F.col("source_uri").alias("rej_uri"), F.col("source_size").alias("rej_size"),
+        F.col("source_version").alias("rej_version"))
+
+    same = lambda a, b, c: ((F.col("uri") == F.col(a)) & (F.col("source_size") == F.col(b))  # noqa: E731
+                            & (F.col("source_version") == F.col(c)))
+    plan = (listing.join(prev.drop("_file"), "track_id", "left").join(lasting_rejects, "track_id", "left")
+            .withColumn("status", F.when(same("prev_uri", "prev_size", "prev_version"), "unchanged")
+                        .when(same("rej_uri", "rej_size", "rej_version"), "rejected_unchanged")
+                        .when(F.col("prev_uri").isNotNull(), "changed")
+                        .otherwise("new"))
+            .persist(StorageLevel.MEMORY_AND_DISK))
+    status_counts = {r["status"]: r["count"] for r in plan.groupBy("status").count().collect()}
+    todo = plan.filter(F.col("status").isin("new", "changed")).select(*catalogue.LISTING_SCHEMA.names)
+    n_todo = status_counts.get("new", 0) + status_counts.get("changed", 0)
+    missing = prev.join(listing.select("track_id"), "track_id", "left_anti")
+    n_missing = missing.count()
+
+    partitions = cfg.ingest.partitions or 4 * spark.sparkContext.defaultParallelism
+    decoded = (todo.repartition(max(1, min(partitions, n_todo)), "track_id")
+               .mapInPandas(lambda it: decode_partition(it, params, run_id), from_arrow_schema(DECODED_SCHEMA))
+               .persist(StorageLevel.DISK_ONLY))   # decode once; both tables read it
+    reason_counts = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
+    n_ok = reason_counts.pop(None, 0)
+
+    # Mels: superseded rows (changed sources; vanished ones when on_missing=drop) leave by
+    # rewriting only the files that hold them.
+    superseded = plan.filter(F.col("status") == "changed").select("track_id")
+    if cfg.ingest.on_missing == "drop":
+        superseded = superseded.unionByName(missing.select("track_id"))
+    superseded = superseded.join(prev.select("track_id", "_file"), "track_id")
+    affected = sorted(r["_file"] for r in superseded.select("_file").distinct().collect())
+    mels_summary = "unchanged"
+    if n_ok or affected:
+        ok_rows = decoded.filter(F.col("reason").isNull())
+        out = ok_rows.drop("reason", "detail")
+        if affected:
+            kept = spark.read.parquet(*affected).join(superseded.select("track_id"), "track_id", "left_anti")
+            out = out.unionByName(kept.select(*out.columns))
+        snap = write_table(out, wh, MELS, run_id, replace=False, removed=[wh.rel(MELS.name, f) for f in affected],
+                           rows_per_file=cfg.ingest.rows_per_file, row_group_bytes=_row_group_bytes(cfg),
+                           expected_version=mels_version,
+                           summary={"ingested": n_ok, "rewritten_files": len(affected)})
+        mels_summary = f"v{snap.version}, {snap.rows} rows"
+
+    # Rejects: the current problems, one row per track (replaced whole each run: small).
+    run_lit = F.lit(run_id)
+    carried = (prev_rejects.filter(~F.col("reason").isin(*LISTING_REASONS))
+               .join(todo.select("track_id"), "track_id", "left_anti")
+               .join(listing.select("track_id"), "track_id", "left_semi"))
+    new_rejects = decoded.filter(F.col("reason").isNotNull()).select(
+        "track_id", "source_uri", "source_size", "source_version", "reason", "detail", run_lit.alias("run_id"))
+    missing_rows = missing.select(
+        "track_id", F.col("prev_uri").alias("source_uri"), F.col("prev_size").alias("source_size"),
+        F.col("prev_version").alias("source_version"), F.lit(audio.SOURCE_MISSING).alias("reason"),
+        F.lit(f"source no longer in the catalogue; its mel was {'dropped' if cfg.ingest.on_missing == 'drop' else 'kept'}"
+              ).alias("detail"), run_lit.alias("run_id"))
+    listing_rejects = catalogue_rejects.select(
+        "track_id", "source_uri", F.lit(None).cast("long").alias("source_size"),
+        F.lit(None).cast("string").alias("source_version"), "reason", "detail", run_lit.alias("run_id"))
+    n_catalogue_rejects = {r["reason"]: r["count"] for r in catalogue_rejects.groupBy("reason").count().collect()}
+    all_rejects = carried.unionByName(new_rejects).unionByName(missing_rows).unionByName(listing_rejects)
+    rej_snap = write_table(all_rejects.coalesce(1), wh, INGEST_REJECTS, run_id, replace=True)
+
+    decoded.unpersist()
+    plan.unpersist()
+    listing.unpersist()
+    _drop_staging(wh, run_id)
+    rejected = dict(sorted({**reason_counts, **n_catalogue_rejects}.items()))
+    return {
+        "listed": sum(status_counts.values()),
+        "new": status_counts.get("new", 0),
+        "changed": status_counts.get("changed", 0),
+        "skipped_unchanged": status_counts.get("unchanged", 0),
+        "skipped_rejected_unchanged": status_counts.get("rejected_unchanged", 0),
+        "ingested": n_ok,
+        "rejected": rejected,
+        "missing_sources": n_missing,
+        "mels": mels_summary,
+        "ingest_rejects": f"v{rej_snap.version}, {rej_snap.rows} rows",
+    }
+
+
+def _drop_staging(wh, run_id: str) -> None:
+    path = wh.local_path("_staging", run_id)
+    path = path if wh.is_local else path[len("s3://"):]
+    try:
+        wh.fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
