@@ -63,3 +63,37 @@ def small_config(tmp_path, demo_root) -> Config:
         "factors.plays": str(demo_root / "demo" / "plays.parquet"),
         "demo.out_dir": str(demo_root / "demo"),
     })
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real HTTP S3 endpoint on loopback (moto); boto3 reaches it through the standard
+    AWS chain: AWS_ENDPOINT_URL and dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import uuid
+    from deepcuts.catalogue import s3_client
+    client = s3_client()
+    bucket = f"test-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket

@@ -127,10 +127,10 @@ def _read_manifest(spark, path: str):
         F.col("uri").alias("source_uri"), F.lit(catalogue.BAD_MANIFEST_ROW).alias("reason"),
         F.lit("manifest row without track_id or uri").alias("detail"))
     good = rows.filter(~bad)
-    ranked = good.withColumn("_rank", F.row_number().over(Window.partitionBy("track_id").orderBy("uri", "_row")))
+    ranked = good.withColumn("_rank", F.row_number().over(Window.partitionBy("track_id").orderBy("_row")))
     dupes = ranked.filter(F.col("_rank") > 1).select(
         "track_id", F.col("uri").alias("source_uri"), F.lit(catalogue.DUPLICATE_TRACK_ID).alias("reason"),
-        F.lit("track_id listed more than once in the manifest; the first uri (sorted) is ingested").alias("detail"))
+        F.lit("track_id listed more than once in the manifest; its first row is ingested").alias("detail"))
     listing = ranked.filter(F.col("_rank") == 1).select(
         "track_id", "uri", "labels", F.lit(None).cast("long").alias("source_size"),
         F.lit(None).cast("string").alias("source_version"))

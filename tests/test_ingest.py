@@ -1,0 +1,191 @@
+"""The ingest job on real files in local Spark: rejects with reasons, incremental re-runs,
+crash safety, manifests and S3."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from audio_fixtures import write_audio, write_hostile_files
+from conftest import make_config
+from deepcuts import ingest
+from deepcuts.audio import mel_from_bytes
+from deepcuts.sparkio import warehouse
+from deepcuts.warehouse import Warehouse, read_pandas
+
+pytestmark = pytest.mark.spark
+
+GOOD = {f"good/{i:02d}{ext}": (i, 1 + i % 2) for i, ext in
+        enumerate([".wav", ".flac", ".ogg", ".mp3", ".opus", ".mp3"])}
+
+
+def _config(root, **over):
+    return make_config(root, ingest__source=str(root / "cat"), ingest__excerpt_seconds=5.0,
+                       ingest__partitions=2, ingest__rows_per_row_group=2, **over)
+
+
+def _reasons(wh):
+    rej = read_pandas(wh, "ingest_rejects")
+    return dict(zip(rej["track_id"], rej["reason"]))
+
+
+@pytest.fixture(scope="module")
+def folder_runs(spark, tmp_path_factory):
+    """Four runs over one evolving catalogue, shared by the tests below."""
+    root = tmp_path_factory.mktemp("ingest")
+    cat = root / "cat"
+    for rel, (seed, channels) in GOOD.items():
+        write_audio(cat / rel, seconds=6.0, channels=channels, seed=seed)
+    hostile = write_hostile_files(cat / "bad")
+    cfg = _config(root)
+    wh = warehouse(cfg)
+    out = {"root": root, "cfg": cfg, "wh": wh, "hostile": hostile}
+    out["run1"] = ingest.run(spark, cfg, "run1")
+    out["mels1"] = read_pandas(wh, "mels")
+    out["rejects1"] = _reasons(wh)
+    out["run2"] = ingest.run(spark, cfg, "run2")
+    out["mels2"] = read_pandas(wh, "mels")
+    # Night 3: one file changed, one added, one deleted, one broken file fixed.
+    write_audio(cat / "good/01.flac", seconds=7.0, channels=2, seed=101)
+    write_audio(cat / "new/n1.ogg", seconds=6.0, channels=1, seed=7)
+    os.remove(cat / "good/02.ogg")
+    (cat / "bad/empty.mp3").unlink()
+    write_audio(cat / "bad/empty.mp3", seconds=6.0, seed=8)
+    out["run3"] = ingest.run(spark, cfg, "run3")
+    out["mels3"] = read_pandas(wh, "mels")
+    out["rejects3"] = _reasons(wh)
+    out["run4"] = ingest.run(spark, cfg.replace(**{"ingest.on_missing": "drop"}), "run4")
+    out["mels4"] = read_pandas(wh, "mels")
+    return out
+
+
+def test_first_run_ingests_good_files_and_records_every_reject(folder_runs):
+    r = folder_runs
+    assert r["run1"]["ingested"] == len(GOOD) and r["run1"]["listed"] == len(GOOD) + len(r["hostile"])
+    assert r["rejects1"] == {f"bad/{k}": v for k, v in r["hostile"].items()}
+    assert sum(r["run1"]["rejected"].values()) == len(r["hostile"])
+    mels = r["mels1"]
+    assert sorted(mels["track_id"]) == sorted(GOOD)
+    row = mels.iloc[0]
+    mel = mel_from_bytes(row["mel"], row["n_mels"], row["n_frames"])
+    assert mel.shape == (128, 1 + int(5.0 * 22050) // 512) and np.isfinite(mel).all()
+    assert set(mels["sample_rate"]) == {22050} and set(mels["hop_length"]) == {512}
+    assert (mels["excerpt_offset_s"].round(2) == 0.5).all() and (mels["duration_s"].round(1) == 6.0).all()
+    assert mels["fingerprint"].str.len().eq(32).all() and mels["ingest_run_id"].eq("run1").all()
+
+
+def test_row_groups_are_sized_for_petastorm(folder_runs):
+    wh = folder_runs["wh"]
+    for path in wh.files("mels", local=True):
+        meta = pq.ParquetFile(path).metadata
+        assert all(meta.row_group(i).num_rows <= 2 for i in range(meta.num_row_groups))
+
+
+def test_second_run_skips_everything(folder_runs):
+    r2 = folder_runs["run2"]
+    assert r2["ingested"] == 0 and r2["new"] == 0 and r2["changed"] == 0
+    assert r2["skipped_unchanged"] == len(GOOD)
+    assert r2["skipped_rejected_unchanged"] == len(folder_runs["hostile"])
+    assert r2["mels"] == "unchanged"
+    assert folder_runs["mels2"]["track_id"].is_unique and len(folder_runs["mels2"]) == len(GOOD)
+
+
+def test_third_run_processes_only_new_and_changed(folder_runs):
+    r3, mels = folder_runs["run3"], folder_runs["mels3"]
+    assert (r3["new"], r3["changed"], r3["ingested"]) == (2, 1, 3)    # n1.ogg + fixed empty.mp3; 01.flac
+    assert r3["skipped_unchanged"] == len(GOOD) - 2                     # minus changed and deleted
+    assert r3["missing_sources"] == 1
+    assert mels["track_id"].is_unique
+    # kept (on_missing=keep) but reported
+    assert "good/02.ogg" in set(mels["track_id"])
+    assert folder_runs["rejects3"]["good/02.ogg"] == "source_missing"
+    assert "bad/empty.mp3" not in folder_runs["rejects3"]              # fixed: no longer rejected
+    changed = mels.set_index("track_id").loc["good/01.flac"]
+    before = folder_runs["mels1"].set_index("track_id").loc["good/01.flac"]
+    assert changed["ingest_run_id"] == "run3" and changed["fingerprint"] != before["fingerprint"]
+    assert changed["duration_s"] == pytest.approx(7.0, abs=0.05)
+    untouched = mels.set_index("track_id").loc["good/00.wav"]
+    assert untouched["ingest_run_id"] == "run1"
+    assert len(mels) == len(GOOD) + 2
+
+
+def test_on_missing_drop_removes_the_vanished_track(folder_runs):
+    mels = folder_runs["mels4"]
+    assert "good/02.ogg" not in set(mels["track_id"]) and len(mels) == len(GOOD) + 1
+    assert mels["track_id"].is_unique
+
+
+def test_a_crash_before_commit_leaves_the_previous_version(spark, folder_runs, monkeypatch):
+    r = folder_runs
+    write_audio(r["root"] / "cat" / "new" / "n2.wav", seconds=5.0, seed=9)
+    before = read_pandas(r["wh"], "mels")
+    version = r["wh"].snapshot("mels").version
+
+    def crash(self, table, *a, **k):
+        raise RuntimeError("simulated crash")
+    monkeypatch.setattr(Warehouse, "commit", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest.run(spark, r["cfg"], "crashed")
+    monkeypatch.undo()
+    assert r["wh"].snapshot("mels").version == version
+    assert read_pandas(r["wh"], "mels").sort_values("track_id").reset_index(drop=True)[["track_id", "fingerprint"]].equals(
+        before.sort_values("track_id").reset_index(drop=True)[["track_id", "fingerprint"]])
+    summary = ingest.run(spark, r["cfg"], "after-crash")
+    assert summary["new"] == 1 and summary["ingested"] == 1
+    mels = read_pandas(r["wh"], "mels")
+    assert mels["track_id"].is_unique and "new/n2.wav" in set(mels["track_id"])
+
+
+def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
+    cat = tmp_path / "cat"
+    write_audio(cat / "audio/a.mp3", seconds=5.0, seed=1)
+    write_audio(cat / "audio/b.flac", seconds=5.0, seed=2)
+    (cat / "manifest.csv").write_text(
+        "track_id,uri,labels\n"
+        "ta,audio/a.mp3,rock\n"
+        f"tb,{cat / 'audio/b.flac'},jazz\n"
+        "tb,audio/a.mp3,dup\n"
+        ",audio/a.mp3,no-id\n"
+        "tc,,no-uri\n"
+        "td,audio/missing.ogg,gone\n")
+    cfg = _config(tmp_path).replace(**{"ingest.source": str(cat / "manifest.csv")})
+    summary = ingest.run(spark, cfg, "m1")
+    wh = warehouse(cfg)
+    mels = read_pandas(wh, "mels").set_index("track_id")
+    assert sorted(mels.index) == ["ta", "tb"]
+    assert mels.loc["ta", "labels"] == "rock" and mels.loc["tb", "labels"] == "jazz"
+    assert mels.loc["ta", "source_uri"] == str(cat / "audio/a.mp3")
+    rej = read_pandas(wh, "ingest_rejects")
+    assert sorted(rej["reason"]) == ["bad_manifest_row", "bad_manifest_row", "duplicate_track_id", "source_missing"]
+    assert set(rej.loc[rej.reason == "source_missing", "track_id"]) == {"td"}
+    assert summary["rejected"] == {"bad_manifest_row": 2, "duplicate_track_id": 1, "source_missing": 1}
+    again = ingest.run(spark, cfg, "m2")
+    assert again["ingested"] == 0 and again["skipped_unchanged"] == 2
+    assert len(read_pandas(wh, "ingest_rejects")) == 4
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_ingest_from_s3_through_the_cli(tmp_path, s3_bucket):
+    """The operator's path: `python -m deepcuts ingest` on an s3:// prefix, credentials from the env."""
+    client, bucket = s3_bucket
+    for i, ext in enumerate([".mp3", ".flac"]):
+        client.put_object(Bucket=bucket, Key=f"music/{i}{ext}",
+                          Body=write_audio(tmp_path / f"src{i}{ext}", seconds=5.0, seed=i).read_bytes())
+    client.put_object(Bucket=bucket, Key="music/broken.mp3", Body=b"")
+    wh_root = tmp_path / "wh"
+    args = [sys.executable, "-m", "deepcuts", "ingest", "--set", f"ingest.source=s3://{bucket}/music",
+            "--set", f"warehouse.root={wh_root}", "--set", "ingest.excerpt_seconds=4.0",
+            "--set", f"spark.checkpoint_dir={tmp_path / 'ckpt'}"]
+    env = {**os.environ, "SPARK_MASTER": "local[2]"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ingested" in done.stdout and "empty_file=1" in done.stdout
+    assert "testing" not in done.stdout + done.stderr.replace("AWS_ACCESS_KEY_ID", "")  # no secrets logged
+    wh = Warehouse(str(wh_root))
+    mels = read_pandas(wh, "mels")
+    assert sorted(mels["track_id"]) == ["0.mp3", "1.flac"]
+    assert all(u.startswith(f"s3://{bucket}/music/") for u in mels["source_uri"])
+    assert list(read_pandas(wh, "ingest_rejects")["reason"]) == ["empty_file"]
