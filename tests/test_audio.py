@@ -75,3 +75,10 @@ def test_mel_bytes_round_trip_and_fingerprint():
     back = audio.mel_from_bytes(audio.mel_to_bytes(mel), 128, 50)
     assert np.max(np.abs(back - mel)) < 0.05
     assert audio.fingerprint(b"abc") == audio.fingerprint(b"abc") != audio.fingerprint(b"abd")
+
+
+@pytest.mark.parametrize("sr,n_fft,n_mels", [(22050, 1024, 128), (16000, 512, 40), (44100, 2048, 96)])
+def test_mel_filterbank_equals_librosa(sr, n_fft, n_mels):
+    ours = audio.mel_basis(sr, n_fft, n_mels)
+    ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)
+    assert ours.shape == ref.shape and np.allclose(ours, ref, atol=1e-6)

@@ -165,10 +165,33 @@ def decode(data: bytes, p: MelParams, suffix: str = "") -> tuple[np.ndarray, flo
 
 
 # --- features ----------------------------------------------------------------------------
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, log above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3)
+    log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log_part, linear)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    return np.where(mel >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0)), mel * (200.0 / 3))
+
+
 @lru_cache(maxsize=8)
 def mel_basis(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    import librosa
-    return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels).astype(np.float32)
+    """Slaney-normalised triangular mel filterbank [n_mels, 1 + n_fft // 2], equal to
+    ``librosa.filters.mel(sr, n_fft, n_mels)`` (tested) without importing librosa (and numba)
+    into every Spark worker."""
+    fft_hz = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2.0), n_mels + 2))
+    widths = np.diff(edges_hz)
+    ramps = edges_hz[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return weights.astype(np.float32)
 
 
 @lru_cache(maxsize=8)
@@ -181,16 +204,22 @@ def log_mel(y: np.ndarray, sample_rate: int, n_fft: int, hop_length: int, n_mels
 
     Same values as ``librosa.power_to_db(librosa.feature.melspectrogram(y, sr, n_fft=...,
     hop_length=..., n_mels=...), ref=1.0, amin=1e-10, top_db=None)`` (centred frames,
-    zero padding, periodic Hann), computed in float32 with one rfft over all frames."""
+    zero padding, periodic Hann), but in float32 throughout: scipy's FFT keeps single
+    precision where numpy's promotes to double (2.5x slower here)."""
+    import scipy.fft
     padded = np.pad(y.astype(np.float32, copy=False), n_fft // 2)
     n_frames = 1 + (len(padded) - n_fft) // hop_length
     frames = np.lib.stride_tricks.as_strided(
         padded, shape=(n_frames, n_fft), strides=(padded.strides[0] * hop_length, padded.strides[0]),
         writeable=False)
-    spectrum = np.fft.rfft(frames * _hann(n_fft), axis=1)
-    power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
+    spectrum = scipy.fft.rfft(frames * _hann(n_fft), axis=1, overwrite_x=True)
+    power = np.square(spectrum.real)
+    power += np.square(spectrum.imag)
     mel = mel_basis(sample_rate, n_fft, n_mels) @ power.T
-    return (10.0 * np.log10(np.maximum(mel, 1e-10))).astype(np.float32)
+    np.maximum(mel, 1e-10, out=mel)
+    np.log10(mel, out=mel)
+    mel *= 10.0
+    return mel
 
 
 def featurise(data: bytes, p: MelParams, suffix: str = "") -> Features:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import time
 from typing import Iterator
 
 import pandas as pd
@@ -72,12 +73,21 @@ def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, 
     return row
 
 
-def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: listing rows in, decoded (or rejected) rows out, batch by batch."""
+def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
+                     cpu_seconds=None, excerpt_seconds=None) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: listing rows in, decoded (or rejected) rows out, batch by batch.
+
+    ``cpu_seconds``/``excerpt_seconds`` (Spark accumulators) let the job report its
+    decode speed as a real-time factor per core."""
     columns = DECODED_SCHEMA.names
     for batch in batches:
+        started = time.process_time()
         rows = [featurise_row(r.track_id, r.uri, r.labels, r.source_size, r.source_version, p, run_id)
                 for r in batch.itertuples(index=False)]
+        if cpu_seconds is not None:
+            cpu_seconds.add(time.process_time() - started)
+            excerpt_seconds.add(sum(r["n_frames"] * p.hop_length / p.sample_rate for r in rows
+                                    if r["reason"] is None))
         yield pd.DataFrame(rows, columns=columns)
 
 
@@ -191,8 +201,10 @@ def run(spark, cfg: Config, run_id: str) -> dict:
 
     same = lambda a, b, c: ((F.col("uri") == F.col(a)) & (F.col("source_size") == F.col(b))  # noqa: E731
                             & (F.col("source_version") == F.col(c)))
-    plan = (listing.join(prev.drop("_file"), "track_id", "left").join(lasting_rejects, "track_id", "left")
-            .withColumn("status", F.when(same("prev_uri", "prev_size", "prev_version"), "unchanged")
+    # One row per track listed now or ingested before: its fate this run.
+    plan = (listing.join(prev, "track_id", "full_outer").join(lasting_rejects, "track_id", "left")
+            .withColumn("status", F.when(F.col("uri").isNull(), "missing")
+                        .when(same("prev_uri", "prev_size", "prev_version"), "unchanged")
                         .when(same("rej_uri", "rej_size", "rej_version"), "rejected_unchanged")
                         .when(F.col("prev_uri").isNotNull(), "changed")
                         .otherwise("new"))
@@ -200,12 +212,14 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     status_counts = {r["status"]: r["count"] for r in plan.groupBy("status").count().collect()}
     todo = plan.filter(F.col("status").isin("new", "changed")).select(*catalogue.LISTING_SCHEMA.names)
     n_todo = status_counts.get("new", 0) + status_counts.get("changed", 0)
-    missing = prev.join(listing.select("track_id"), "track_id", "left_anti")
-    n_missing = missing.count()
+    missing = plan.filter(F.col("status") == "missing")
+    n_missing = status_counts.pop("missing", 0)
 
     partitions = cfg.ingest.partitions or 4 * spark.sparkContext.defaultParallelism
+    cpu_acc, audio_acc = spark.sparkContext.accumulator(0.0), spark.sparkContext.accumulator(0.0)
     decoded = (todo.repartition(max(1, min(partitions, n_todo)), "track_id")
-               .mapInPandas(lambda it: decode_partition(it, params, run_id), from_arrow_schema(DECODED_SCHEMA))
+               .mapInPandas(lambda it: decode_partition(it, params, run_id, cpu_acc, audio_acc),
+                            from_arrow_schema(DECODED_SCHEMA))
                .persist(StorageLevel.DISK_ONLY))   # decode once; both tables read it
     reason_counts = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
     n_ok = reason_counts.pop(None, 0)
@@ -215,7 +229,7 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     superseded = plan.filter(F.col("status") == "changed").select("track_id")
     if cfg.ingest.on_missing == "drop":
         superseded = superseded.unionByName(missing.select("track_id"))
-    superseded = superseded.join(prev.select("track_id", "_file"), "track_id")
+    superseded = superseded.join(plan.select("track_id", "_file"), "track_id")
     affected = sorted(r["_file"] for r in superseded.select("_file").distinct().collect())
     mels_summary = "unchanged"
     if n_ok or affected:
@@ -263,6 +277,9 @@ def run(spark, cfg: Config, run_id: str) -> dict:
         "ingested": n_ok,
         "rejected": rejected,
         "missing_sources": n_missing,
+        "decode_cpu_s": round(cpu_acc.value, 2),
+        "decoded_audio_s": round(audio_acc.value, 1),
+        "realtime_x_per_core": round(audio_acc.value / cpu_acc.value, 1) if cpu_acc.value else None,
         "mels": mels_summary,
         "ingest_rejects": f"v{rej_snap.version}, {rej_snap.rows} rows",
     }
