@@ -58,6 +58,7 @@ class DemoConf:
     codecs: list[str] = rule(choices=("wav", "flac", "ogg", "mp3", "opus"))
     sample_rates: list[int] = rule(choices=(22050, 44100, 48000))
     mean_plays_per_user: float = rule(min=1.0)
+    workers: int = rule(min=0, doc="processes rendering tracks; 0 = one per CPU core")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class FactorsConf:
     iterations: int = rule(min=1)
     blocks: int = rule(min=0, doc="0 = Spark's default parallelism")
     checkpoint_interval: int = rule(min=1)
+    intermediate_storage: str = rule(choices=("MEMORY_AND_DISK", "MEMORY_ONLY", "MEMORY_AND_DISK_SER",
+                                               "MEMORY_ONLY_SER", "DISK_ONLY"),
+                                      doc="storage level of ALS's in/out blocks between iterations")
     seed: int = rule(min=0)
     min_track_listeners: int = rule(min=0, doc="tracks with fewer listeners get no ALS factors")
     evaluate: bool = rule()
@@ -100,6 +104,7 @@ class FactorsConf:
     warm_fraction: float = rule(min=0.0, max=0.9)
     eval_k: int = rule(min=1)
     eval_seed: int = rule(min=0)
+    eval_max_users: int = rule(min=0, doc="users scored per evaluation (hash sample); 0 = all")
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,13 @@ class TrainConf:
     loader_workers: int = rule(min=1)
     device: str = rule(choices=("auto", "cpu", "cuda"))
     seed: int = rule(min=0)
+    label_separator: str = rule(doc="labels target: separator between a track's labels")
+    rows_per_row_group: int = rule(min=1, doc="training examples per Parquet row group (one Petastorm batch)")
+    rows_per_file: int = rule(min=1)
+    shuffle_buffer_rows: int = rule(min=1, doc="rows shuffled across row groups before batching")
+    epoch_retries: int = rule(min=0, doc="re-reads of an epoch that Petastorm ends short")
+    resume: bool = rule()
+    evaluate: bool = rule(doc="cold-start evaluation of the CNN after training")
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,7 @@ class InferConf:
     scoring: str = rule(choices=("whole", "windows"))
     window_seconds: float = rule(min=0.5)
     batch_size: int = rule(min=1)
-    min_plays_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
+    min_listeners_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
     incremental: bool = rule()
 
 

@@ -72,21 +72,23 @@ PLAYS_REJECTS = _table(
 
 USER_INDEX = _table(
     "user_index", ("user_id",),
-    "Original user id <-> dense int index used by ALS.",
+    "Original user id <-> dense int index used by ALS (rebuilt every run: join on the ids, never "
+    "keep indices across runs). Ids are text: integral ids in plain decimal (see deepcuts.plays).",
     F("user_id", pa.string(), nullable=False),
     F("user_idx", pa.int32(), nullable=False),
 )
 
 TRACK_INDEX = _table(
     "track_index", ("track_id",),
-    "Original track id <-> dense int index used by ALS.",
+    "Original track id <-> dense int index used by ALS (rebuilt every run, like user_index).",
     F("track_id", pa.string(), nullable=False),
     F("track_idx", pa.int32(), nullable=False),
 )
 
 USER_FACTORS = _table(
     "user_factors", ("user_id",),
-    "ALS user latent factors.",
+    "ALS user latent factors of the published fit (original ids as text), with the plays and "
+    "distinct tracks they were fitted on.",
     F("user_id", pa.string(), nullable=False),
     F("factors", VECTOR, nullable=False),
     F("n_plays", pa.int64(), nullable=False),
@@ -96,7 +98,8 @@ USER_FACTORS = _table(
 
 TRACK_FACTORS = _table(
     "track_factors", ("track_id",),
-    "ALS track latent factors (and their unit-normalised copy for similarity).",
+    "ALS track latent factors (and their unit-normalised copy for similarity); tracks with fewer "
+    "than factors.min_track_listeners listeners, and cold-start holdout tracks, have no row.",
     F("track_id", pa.string(), nullable=False),
     F("factors", VECTOR, nullable=False),
     F("factors_unit", VECTOR, nullable=False),
@@ -116,6 +119,16 @@ FACTOR_METRICS = _table(
     F("k", pa.int32()),
     F("n_users", pa.int64()),
     F("n_tracks", pa.int64()),
+)
+
+EVAL_HOLDOUT = _table(
+    "eval_holdout", ("user_id", "track_id"),
+    "Plays hidden from the published ALS fit by the cold-start protocol (split = 'cold'): the "
+    "tracks the audio model must predict. Empty when factors.evaluate is false.",
+    F("user_id", pa.string(), nullable=False),
+    F("track_id", pa.string(), nullable=False),
+    F("plays", pa.float64(), nullable=False),
+    F("split", pa.string(), nullable=False),
 )
 
 PREDICTED_FACTORS = _table(
@@ -148,9 +161,57 @@ INFER_REJECTS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
+
+def _examples_table(name: str, doc: str) -> Table:
+    return _table(
+        name, ("track_id",), doc,
+        F("track_id", pa.string(), nullable=False),
+        F("mel", pa.binary(), nullable=False),
+        F("n_mels", pa.int32(), nullable=False),
+        F("n_frames", pa.int32(), nullable=False),
+        F("target", VECTOR, nullable=False),
+        F("source_run_id", pa.string(), nullable=False),
+        F("run_id", pa.string(), nullable=False),
+    )
+
+
+TRAIN_EXAMPLES = _examples_table(
+    "train_examples",
+    "The CNN's training split: mel + target (unit factors or multi-hot labels), row groups sized "
+    "for Petastorm; source_run_id is the track_factors (or mels) run the targets came from.")
+
+VALIDATION_EXAMPLES = _examples_table(
+    "validation_examples",
+    "The CNN's validation split (same build run as train_examples, disjoint tracks by hash).")
+
+TRAIN_REJECTS = _table(
+    "train_rejects", ("track_id",),
+    "Tracks left out of the training set, with a reason code.",
+    F("track_id", pa.string(), nullable=False),
+    F("reason", pa.string(), nullable=False),
+    F("detail", pa.string()),
+    F("run_id", pa.string(), nullable=False),
+)
+
+TRAIN_METRICS = _table(
+    "train_metrics", ("model_id", "epoch"),
+    "One row per training epoch of every model: losses, throughput, learning rate.",
+    F("model_id", pa.string(), nullable=False),
+    F("epoch", pa.int32(), nullable=False),
+    F("train_loss", pa.float64()),
+    F("validation_loss", pa.float64()),
+    F("train_rows", pa.int64()),
+    F("validation_rows", pa.int64()),
+    F("crops_per_s", pa.float64()),
+    F("learning_rate", pa.float64()),
+    F("seconds", pa.float64()),
+    F("run_id", pa.string(), nullable=False),
+)
+
 ALL_TABLES: dict[str, Table] = {t.name: t for t in (
     MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
-    FACTOR_METRICS, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS)}
+    FACTOR_METRICS, EVAL_HOLDOUT, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS,
+    TRAIN_EXAMPLES, VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS)}
 
 
 def spark_schema(table: Table):

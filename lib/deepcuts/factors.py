@@ -1,0 +1,247 @@
+"""The factors stage: play counts -> implicit-feedback ALS factors (+ the paper's evaluation).
+
+Weighted matrix factorisation for implicit feedback (Hu, Koren & Volinsky 2008) with Spark
+MLlib ALS: preference 1 for every played pair, confidence ``1 + alpha * log(1 + r / eps)``
+(van den Oord et al. 2013), obtained by feeding ``log(1 + r / eps)`` as the rating.
+
+Outputs (all ids are the original ids as canonical strings, see ``deepcuts.plays``):
+
+* ``user_factors`` / ``track_factors``: the published fit; tracks with fewer than
+  ``factors.min_track_listeners`` listeners get no row (they still inform the fit).
+* ``user_index`` / ``track_index``: the dense ALS indices of this run (rebuilt nightly).
+* ``plays_rejects``: every unused input row with its reason code.
+* With ``factors.evaluate`` (the cold-start protocol): the published fit leaves out every
+  play of a stable hash sample of tracks (``cold_fraction``), so those tracks have no ALS
+  factors, and their plays go to ``eval_holdout`` (split "cold") for the audio model's
+  evaluation.  ``factor_metrics`` gets one row per (split, predictor):
+
+  - cold / upper_bound: WMF fitted on *all* plays (cold tracks included), user and track
+    vectors both from that fit (vectors of two different fits live in differently rotated
+    spaces, so they are never mixed).  The ceiling for any audio predictor.
+  - cold / random: gaussian track vectors against the published ``user_factors``, the floor.
+    An audio predictor (train stage) is scored the same way: its vectors against the
+    published ``user_factors`` via ``evaluation.evaluate_cold_start``.
+  - warm / als, warm / random: a separate fit without a hash sample of the known tracks'
+    plays (``warm_fraction``), scored on those plays with each user's training tracks
+    removed from the candidates; the standard CF sanity check.  That model is discarded.
+
+  Without ``factors.evaluate`` (production) nothing is held out and ``eval_holdout`` is
+  committed empty, so no later stage evaluates against a stale holdout.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import evaluation as ev
+from .config import Config, FactorsConf
+from .plays import (aggregate_pairs, dense_index, flag_unknown_tracks, read_raw_plays,
+                    validate_plays)
+from .sparkio import checkpoint_dir, read_table, warehouse, write_table
+from .tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
+                     TRACK_INDEX, USER_FACTORS, USER_INDEX)
+
+log = logging.getLogger(__name__)
+
+UPPER_BOUND = "upper_bound"
+RANDOM = "random"
+ALS_PREDICTOR = "als"
+
+
+def rating_column(plays_col, epsilon: float):
+    """Spark's twin of ``plays.confidence_rating``: ``log(1 + plays / epsilon)``."""
+    from pyspark.sql import functions as F
+    return F.log1p(plays_col / F.lit(float(epsilon)))
+
+
+def num_blocks(spark, fc: FactorsConf) -> int:
+    return fc.blocks or spark.sparkContext.defaultParallelism
+
+
+def fit_als(spark, ratings_df, fc: FactorsConf, **als_params):
+    """Implicit ALS on (user_idx, track_idx, rating); returns (model, seconds).
+    ``als_params`` override ALS parameters (the bench tunes storage levels with them)."""
+    from pyspark.ml.recommendation import ALS
+    blocks = num_blocks(spark, fc)
+    als = ALS(rank=fc.rank, maxIter=fc.iterations, regParam=fc.reg, alpha=fc.alpha,
+              implicitPrefs=True, nonnegative=False, userCol="user_idx", itemCol="track_idx",
+              ratingCol="rating", numUserBlocks=blocks, numItemBlocks=blocks,
+              checkpointInterval=fc.checkpoint_interval, seed=fc.seed, coldStartStrategy="drop",
+              intermediateStorageLevel=fc.intermediate_storage)
+    if als_params:
+        als.setParams(**als_params)
+    started = time.time()
+    model = als.fit(ratings_df.select("user_idx", "track_idx", "rating"))
+    return model, time.time() - started
+
+
+def unit_vector(col):
+    """``col / ||col||`` for an array<float> column (a zero vector stays zero)."""
+    from pyspark.sql import functions as F
+    norm = F.sqrt(F.aggregate(col, F.lit(0.0).cast("double"), lambda acc, x: acc + x * x))
+    return F.transform(col, lambda x: F.when(norm > 0, x / norm).otherwise(F.lit(0.0)).cast("float"))
+
+
+def model_vectors(model, user_index, track_index):
+    """(user_id, factors) and (track_id, factors) of a fitted model, with original ids."""
+    from pyspark.sql import functions as F
+    users = model.userFactors.join(user_index, F.col("id") == F.col("user_idx")) \
+        .select("user_id", F.col("features").alias("factors"))
+    tracks = model.itemFactors.join(track_index, F.col("id") == F.col("track_idx")) \
+        .select("track_id", F.col("features").alias("factors"))
+    return users, tracks
+
+
+def published_tables(model, fit_ratings, user_index, track_index, min_listeners: int, run_id: str):
+    """The ``user_factors`` and ``track_factors`` frames of the published fit."""
+    from pyspark.sql import functions as F
+    users, tracks = model_vectors(model, user_index, track_index)
+    user_counts = fit_ratings.groupBy("user_id").agg(
+        F.round(F.sum("plays")).cast("long").alias("n_plays"), F.count("*").alias("n_tracks"))
+    track_counts = fit_ratings.groupBy("track_id").agg(
+        F.round(F.sum("plays")).cast("long").alias("n_plays"), F.count("*").alias("n_listeners"))
+    user_factors = users.join(user_counts, "user_id").withColumn("run_id", F.lit(run_id))
+    track_factors = (tracks.join(track_counts, "track_id")
+                     .where(F.col("n_listeners") >= min_listeners)
+                     .withColumn("factors_unit", unit_vector(F.col("factors")))
+                     .withColumn("run_id", F.lit(run_id)))
+    return user_factors, track_factors
+
+
+def _metric_line(r: dict) -> str:
+    if r["map_at_k"] is None:
+        return f"no users to score ({r['n_tracks']} candidate tracks)"
+    return (f"mAP@{r['k']}={r['map_at_k']:.4f} AUC={r['auc']:.4f} users={r['n_users']} "
+            f"tracks={r['n_tracks']}")
+
+
+def evaluate_protocol(spark, fc: FactorsConf, ratings, holdout, published_users, user_index,
+                      track_index) -> list[dict]:
+    """The cold-start (upper bound, random) and warm (ALS, random) evaluations; see the module
+    docstring.  ``ratings`` holds every usable pair with its ``cold`` flag."""
+    from pyspark.sql import functions as F
+    k, seed, max_users = fc.eval_k, fc.eval_seed, fc.eval_max_users
+    results = []
+    if fc.cold_fraction > 0:
+        cold_tracks = holdout.select("track_id").distinct()
+        results.append(ev.evaluate_cold_start(
+            spark, published_users, holdout, ev.random_track_vectors(cold_tracks, fc.rank, seed), k, RANDOM,
+            max_users=max_users, seed=seed))
+        full_model, _ = fit_als(spark, ratings, fc)
+        full_users, full_tracks = model_vectors(full_model, user_index, track_index)
+        results.append(ev.evaluate_cold_start(spark, full_users, holdout, full_tracks, k, UPPER_BOUND,
+                                              max_users=max_users, seed=seed))
+    if fc.warm_fraction > 0:
+        known = ratings.where(~F.col("cold"))
+        held = ev.hash_unit(seed + 1, "user_id", "track_id") < F.lit(fc.warm_fraction)
+        warm_train = known.where(~held)
+        warm_test = known.where(held)
+        warm_model, _ = fit_als(spark, warm_train, fc)
+        warm_users, warm_tracks = model_vectors(warm_model, user_index, track_index)
+        for name, vectors in ((ALS_PREDICTOR, warm_tracks),
+                              (RANDOM, ev.random_track_vectors(warm_tracks.select("track_id"), fc.rank, seed))):
+            results.append(ev.evaluate_ranking(
+                spark, warm_users, warm_test, vectors, k, split=ev.WARM, predictor=name,
+                excluded_df=warm_train, max_users=max_users, seed=seed))
+    return results
+
+
+def run(spark, cfg: Config, run_id: str) -> dict:
+    """The factors stage (see the module docstring); returns the operator's summary."""
+    from pyspark.sql import functions as F
+    fc = cfg.factors
+    wh = warehouse(cfg)
+    spark.sparkContext.setCheckpointDir(checkpoint_dir(cfg))  # else ALS ignores checkpointInterval
+    summary: dict = {}
+    persisted = []
+    timings: dict = {}
+    clock = [time.time()]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+
+    def keep(df):
+        persisted.append(df)
+        return df
+
+    try:
+        validated = validate_plays(read_raw_plays(spark, fc.plays, fc.plays_format), fc.plays_format)
+        if fc.unknown_tracks == "reject":
+            if wh.exists(MELS.name):
+                validated = flag_unknown_tracks(validated, read_table(spark, wh, MELS).select("track_id"))
+                summary["unknown_tracks"] = "rejected (checked against mels)"
+            else:
+                summary["unknown_tracks"] = "KEPT: no committed mels table to check against"
+        else:
+            summary["unknown_tracks"] = "kept (factors.unknown_tracks = keep)"
+        validated = keep(validated.persist())
+        counts = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
+        summary["input_rows"] = sum(counts.values())
+        summary["rejected_rows"] = {reason: counts[reason] for reason in sorted(r for r in counts if r is not None)}
+
+        pairs = keep(aggregate_pairs(validated.where(F.col("reason").isNull())).persist())
+        user_index = keep(dense_index(pairs, "user_id", "user_idx"))
+        track_index = keep(dense_index(pairs, "track_id", "track_idx"))
+        ratings = (pairs.join(user_index, "user_id").join(track_index, "track_id")
+                   .withColumn("rating", rating_column(F.col("plays"), fc.epsilon)))
+        if fc.evaluate:
+            ratings = ratings.withColumn("cold", ev.is_cold_track(fc.cold_fraction, fc.eval_seed))
+        else:
+            ratings = ratings.withColumn("cold", F.lit(False))
+        ratings = keep(ratings.persist())
+        fit_ratings = ratings.where(~F.col("cold"))
+        holdout = ratings.where(F.col("cold")).select("user_id", "track_id", "plays",
+                                                      F.lit(ev.COLD).alias("split"))
+        stats = ratings.agg(F.count("*").alias("pairs"), F.countDistinct("user_id").alias("users"),
+                            F.countDistinct("track_id").alias("tracks"),
+                            F.sum(F.col("cold").cast("int")).alias("cold_pairs"),
+                            F.countDistinct(F.when(F.col("cold"), F.col("track_id"))).alias("cold_tracks"),
+                            F.countDistinct(F.when(~F.col("cold"), F.col("track_id"))).alias("fitted_tracks")
+                            ).first()
+        summary.update(pairs=stats["pairs"], users=stats["users"], tracks=stats["tracks"],
+                       cold_tracks=stats["cold_tracks"] or 0, cold_pairs=stats["cold_pairs"] or 0)
+        lap("read_validate_index")
+
+        model, seconds = fit_als(spark, fit_ratings, fc)
+        lap("fit")
+        summary["als"] = {"rank": fc.rank, "iterations": fc.iterations, "blocks": num_blocks(spark, fc),
+                          "seconds": round(seconds, 1)}
+        user_factors, track_factors = published_tables(model, fit_ratings, user_index, track_index,
+                                                       fc.min_track_listeners, run_id)
+        rejects = validated.where(F.col("reason").isNotNull()).select(
+            "user_id", "track_id", F.col("plays_text").alias("plays"), "reason", F.lit(run_id).alias("run_id"))
+
+        snaps = {
+            USER_FACTORS.name: write_table(user_factors, wh, USER_FACTORS, run_id),
+            TRACK_FACTORS.name: write_table(track_factors, wh, TRACK_FACTORS, run_id),
+            USER_INDEX.name: write_table(user_index, wh, USER_INDEX, run_id),
+            TRACK_INDEX.name: write_table(track_index, wh, TRACK_INDEX, run_id),
+            PLAYS_REJECTS.name: write_table(rejects, wh, PLAYS_REJECTS, run_id,
+                                            summary={"rejected_rows": summary["rejected_rows"]}),
+            EVAL_HOLDOUT.name: write_table(holdout, wh, EVAL_HOLDOUT, run_id),
+        }
+        summary["users_with_factors"] = snaps[USER_FACTORS.name].rows
+        summary["tracks_with_factors"] = snaps[TRACK_FACTORS.name].rows
+        summary["tracks_below_min_listeners"] = stats["fitted_tracks"] - snaps[TRACK_FACTORS.name].rows
+        lap("write")
+
+        if fc.evaluate:
+            published_users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
+            holdout_table = read_table(spark, wh, EVAL_HOLDOUT)
+            results = evaluate_protocol(spark, fc, ratings, holdout_table, published_users,
+                                        user_index, track_index)
+            if results:
+                write_table(ev.metrics_frame(spark, results, run_id), wh, FACTOR_METRICS, run_id,
+                            replace=False, summary={"results": results})
+                print(ev.format_metrics_table(results), flush=True)
+            summary["metrics"] = {f"{r['split']}/{r['predictor']}": _metric_line(r) for r in results}
+        else:
+            summary["metrics"] = "not evaluated (factors.evaluate = false)"
+        lap("evaluate")
+        summary["seconds"] = timings
+        return summary
+    finally:
+        for df in persisted:
+            df.unpersist()

@@ -1,0 +1,286 @@
+"""The audio model and its artifact: shared by training (writes it) and inference (reads it).
+
+``FactorCNN`` follows Dieleman (2014): 1-D convolutions over time with the mel bands as
+channels, max-pooling in time, a global temporal pooling layer (mean, max and L2-norm over
+time, concatenated), two dense layers and a linear output.  Pooling is global, so any
+number of frames >= ``min_frames`` goes through the same model: a 3 s training crop and a
+whole 30 s excerpt alike.
+
+Artifact layout under the warehouse root::
+
+    models/<model_id>/model.pt     torch.save of the state dict only (loaded with weights_only)
+    models/<model_id>/meta.json    everything needed to rebuild and use the module
+    models/LATEST                  the newest model id, replaced after both files are complete
+
+``meta.json`` records the SHA-256 of ``model.pt``: a truncated or corrupted weights file is
+refused with a ``ModelArtifactError`` that names the file, never half-loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+MODELS_DIR = "models"
+LATEST = "LATEST"
+WEIGHTS_FILE = "model.pt"
+META_FILE = "meta.json"
+ARTIFACT_FORMAT = 1
+TARGETS = ("factors", "labels")
+
+
+class ModelArtifactError(RuntimeError):
+    """A model artifact is missing, truncated, corrupted or does not match its metadata."""
+
+
+# --- mels ---------------------------------------------------------------------------------
+def decode_mel(mel_bytes: bytes, n_mels: int, n_frames: int) -> np.ndarray:
+    """A stored mel (float16 row-major bytes) as float32 [n_mels, n_frames]."""
+    expected = 2 * n_mels * n_frames
+    if len(mel_bytes) != expected:
+        raise ValueError(f"mel has {len(mel_bytes)} bytes, expected {expected} for {n_mels}x{n_frames} float16")
+    return np.frombuffer(mel_bytes, dtype=np.float16).reshape(n_mels, n_frames).astype(np.float32)
+
+
+def frames_for_seconds(seconds: float, sample_rate: int, hop_length: int) -> int:
+    """Mel frames covering ``seconds`` of audio (librosa's centred frames: 1 + samples // hop)."""
+    return 1 + int(round(seconds * sample_rate)) // hop_length
+
+
+def min_frames(conv_kernel: int, pool_sizes: Sequence[int]) -> int:
+    """The fewest input frames that leave at least one frame after every conv and pool."""
+    frames = 1
+    for pool in reversed(list(pool_sizes)):
+        frames = frames * pool + conv_kernel - 1
+    return frames
+
+
+def normalise(mels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-band standardisation: [B, n_mels, T] with mean/std of shape [n_mels]."""
+    return (mels - mean[None, :, None]) / std[None, :, None]
+
+
+# --- the network --------------------------------------------------------------------------
+class GlobalTemporalPooling(nn.Module):
+    """Concatenate mean, max and L2-norm over time: [B, C, T] -> [B, 3C] (Dieleman 2014)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # the L2 norm of a long excerpt overflows float16 under autocast
+        return torch.cat([x.mean(dim=2), x.amax(dim=2), torch.linalg.vector_norm(x, dim=2)], dim=1)
+
+
+class FactorCNN(nn.Module):
+    """Mel spectrogram [B, n_mels, T] -> latent factors (or label logits) [B, out_dim]."""
+
+    def __init__(self, n_mels: int, out_dim: int, conv_channels: Sequence[int], conv_kernel: int,
+                 pool_sizes: Sequence[int], dense_units: int, dropout: float, target: str = "factors"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r}: expected one of {TARGETS}")
+        if len(conv_channels) != len(pool_sizes):
+            raise ValueError("one pool size per conv layer is needed")
+        self.target = target
+        self.n_mels = n_mels
+        self.out_dim = out_dim
+        self.min_frames = min_frames(conv_kernel, pool_sizes)
+        layers: list[nn.Module] = []
+        in_channels = n_mels
+        for channels, pool in zip(conv_channels, pool_sizes):
+            layers += [nn.Conv1d(in_channels, channels, conv_kernel), nn.ReLU(), nn.MaxPool1d(pool)]
+            in_channels = channels
+        self.convs = nn.Sequential(*layers)
+        self.pool = GlobalTemporalPooling()
+        self.dense = nn.Sequential(
+            nn.Linear(3 * in_channels, dense_units), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(dense_units, dense_units), nn.ReLU(), nn.Dropout(dropout))
+        self.output = nn.Linear(dense_units, out_dim)
+
+    @classmethod
+    def from_train_conf(cls, train_conf: Mapping[str, Any], n_mels: int, out_dim: int) -> "FactorCNN":
+        """Build from a ``TrainConf`` (or its dict, as stored in ``meta['train']``)."""
+        get = train_conf.get if isinstance(train_conf, Mapping) else lambda k: getattr(train_conf, k)
+        return cls(n_mels=n_mels, out_dim=out_dim, conv_channels=list(get("conv_channels")),
+                   conv_kernel=int(get("conv_kernel")), pool_sizes=list(get("pool_sizes")),
+                   dense_units=int(get("dense_units")), dropout=float(get("dropout")),
+                   target=str(get("target")))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: the track embedding of a label-trained model."""
+        if x.shape[-1] < self.min_frames:
+            raise ValueError(f"input has {x.shape[-1]} frames; the model needs at least {self.min_frames}")
+        return self.dense(self.pool(self.convs(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The track vector: predicted factors, or the penultimate layer for a label model."""
+        h = self.hidden(x)
+        return self.output(h) if self.target == "factors" else h
+
+    @property
+    def embed_dim(self) -> int:
+        return self.out_dim if self.target == "factors" else self.output.in_features
+
+
+# --- devices ------------------------------------------------------------------------------
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a fallback."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# --- the artifact -------------------------------------------------------------------------
+def _models_path(wh, *parts: str) -> str:
+    return wh.local_path(MODELS_DIR, *parts)
+
+
+def model_dir(wh, model_id: str) -> str:
+    """``<root>/models/<model_id>`` (a filesystem path, or ``s3://...`` on S3)."""
+    return _models_path(wh, model_id)
+
+
+def _fs_and_path(path: str):
+    import pyarrow.fs as pafs
+    if path.startswith("s3://"):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Local: temp file + fsync + rename; S3: one PUT (atomic).  Readers never see half a file."""
+    fs, inner = _fs_and_path(path)
+    if path.startswith("s3://"):
+        with fs.open_output_stream(inner) as fh:
+            fh.write(data)
+        return
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, inner)
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    import pyarrow.fs as pafs
+    fs, inner = _fs_and_path(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(inner) as fh:
+        return fh.read()
+
+
+def latest_model_id(wh) -> str | None:
+    data = read_bytes(_models_path(wh, LATEST))
+    return data.decode().strip() or None if data is not None else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_artifact(wh, model_id: str, model: FactorCNN, meta: Mapping[str, Any], publish: bool = True) -> str:
+    """Write weights then meta (with the weights' checksum), then (``publish``) point LATEST at
+    the model; the train stage publishes only after evaluating the saved artifact."""
+    required = ("target", "n_mels", "out_dim", "train", "mel_mean", "mel_std", "crop_frames")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"artifact meta lacks {missing}")
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    weights = buf.getvalue()
+    folder = model_dir(wh, model_id)
+    write_bytes_atomic(posixpath.join(folder, WEIGHTS_FILE), weights)
+    full_meta = {**_jsonable(dict(meta)), "model_id": model_id, "format": ARTIFACT_FORMAT,
+                 "weights_sha256": hashlib.sha256(weights).hexdigest(), "weights_bytes": len(weights)}
+    write_bytes_atomic(posixpath.join(folder, META_FILE), json.dumps(full_meta, indent=1).encode())
+    if publish:
+        write_bytes_atomic(_models_path(wh, LATEST), model_id.encode())
+    return folder
+
+
+@dataclass
+class Artifact:
+    model: FactorCNN
+    meta: dict
+    model_id: str
+    device: torch.device
+    mel_mean: torch.Tensor
+    mel_std: torch.Tensor
+
+    @property
+    def out_dim(self) -> int:
+        return self.model.embed_dim
+
+    def embed(self, mels: np.ndarray) -> np.ndarray:
+        """float32 [B, n_mels, T] -> float32 [B, out_dim]: normalised as in training, no grad."""
+        x = torch.as_tensor(np.ascontiguousarray(mels, dtype=np.float32)).to(self.device)
+        if x.ndim != 3 or x.shape[1] != self.model.n_mels:
+            raise ValueError(f"expected mels [B, {self.model.n_mels}, T], got {tuple(x.shape)}")
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.float16,
+                                                    enabled=self.device.type == "cuda"):
+            out = self.model.embed(normalise(x, self.mel_mean, self.mel_std))
+        return out.float().cpu().numpy()
+
+
+def load_artifact(path_or_dir: str, device: str | torch.device = "cpu") -> Artifact:
+    """Load ``<model dir>`` (or its ``model.pt``/``meta.json``); refuse anything inconsistent."""
+    folder = path_or_dir.rstrip("/")
+    if folder.endswith(WEIGHTS_FILE) or folder.endswith(META_FILE):
+        folder = posixpath.dirname(folder)
+    meta_path, weights_path = posixpath.join(folder, META_FILE), posixpath.join(folder, WEIGHTS_FILE)
+    meta_bytes = read_bytes(meta_path)
+    if meta_bytes is None:
+        raise ModelArtifactError(f"model artifact {meta_path} is missing")
+    try:
+        meta = json.loads(meta_bytes)
+        n_mels, train_conf = int(meta["n_mels"]), meta["train"]
+        # out_dim is the embedding's length; a label model's output layer has n_outputs units.
+        n_outputs = int(meta.get("n_outputs", meta["out_dim"]))
+        mean = torch.tensor(meta["mel_mean"], dtype=torch.float32)
+        std = torch.tensor(meta["mel_std"], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelArtifactError(f"model metadata {meta_path} is unreadable or incomplete: {exc!r}") from exc
+    weights = read_bytes(weights_path)
+    if weights is None:
+        raise ModelArtifactError(f"model weights {weights_path} are missing")
+    digest = hashlib.sha256(weights).hexdigest()
+    if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
+        raise ModelArtifactError(f"model weights {weights_path} are corrupted or truncated: "
+                                 f"{len(weights)} bytes with sha256 {digest[:12]}..., meta.json expects "
+                                 f"{meta.get('weights_bytes')} bytes with sha256 {meta['weights_sha256'][:12]}...")
+    dev = torch.device(device)
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        model = FactorCNN.from_train_conf(train_conf, n_mels=n_mels, out_dim=n_outputs)
+        model.load_state_dict(state)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
+        raise ModelArtifactError(f"model weights {weights_path} cannot be loaded: {exc}") from exc
+    if mean.shape != (n_mels,) or std.shape != (n_mels,):
+        raise ModelArtifactError(f"model metadata {meta_path}: mel_mean/mel_std must hold {n_mels} values")
+    model.to(dev).eval()
+    return Artifact(model=model, meta=meta, model_id=str(meta.get("model_id", posixpath.basename(folder))),
+                    device=dev, mel_mean=mean.to(dev), mel_std=std.to(dev))

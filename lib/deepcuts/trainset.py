@@ -1,0 +1,236 @@
+"""The CNN's training set, built with Spark and materialised as Parquet sized for Petastorm.
+
+Examples are the tracks that have a target: ALS factors (target "factors": the tracks with
+usage) or labels (target "labels").  The cold-start tracks of the evaluation protocol are
+kept out entirely.  Train/validation is split by track with a deterministic hash, so a
+track never moves between the two from one night to the next.  Bad rows (a mel whose bytes
+do not match its shape, too short for a crop, wrong band count, non-finite factors, ...)
+go to ``train_rejects`` with a reason code.
+
+The build is skipped when its inputs (table versions + the keys that shape examples) are
+those of the committed training set: a resumed training run then sees the same examples.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from .config import Config
+from .model import frames_for_seconds
+from .sparkio import read_table, warehouse, write_table
+from .tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
+                     VALIDATION_EXAMPLES)
+
+log = logging.getLogger(__name__)
+
+HASH_BUCKETS = 10_000
+ROW_CHECK_KEY = "parquet.page.size.row.check.min"   # parquet-mr 1.13 checks row groups with it too
+COLD_HOLDOUT_TABLE = "eval_holdout"   # written by the factors stage when evaluation is on
+
+# Reason codes of train_rejects.
+BAD_MEL_BYTES = "bad_mel_bytes"
+WRONG_N_MELS = "wrong_n_mels"
+WRONG_MEL_FORMAT = "wrong_mel_format"
+TOO_SHORT = "too_short_for_crop"
+BAD_TARGET = "bad_factors"
+NO_MEL = "no_mel"
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the training loop needs to know about a committed training set."""
+    run_id: str
+    train_rows: int
+    validation_rows: int
+    train_files: list[str]            # filesystem paths (Petastorm, pyarrow)
+    validation_files: list[str]
+    target: str
+    out_dim: int
+    n_mels: int
+    crop_frames: int
+    source_run_id: str                # the track_factors (or mels) run the targets came from
+    label_names: list[str]
+    fingerprint: str
+    summary: dict
+
+
+def crop_frames_for(cfg: Config) -> int:
+    return frames_for_seconds(cfg.train.crop_seconds, cfg.ingest.sample_rate, cfg.ingest.hop_length)
+
+
+def is_validation_bucket(bucket: int, validation_fraction: float) -> bool:
+    """The split rule (as used in Spark): buckets below the fraction are validation."""
+    return bucket < int(round(validation_fraction * HASH_BUCKETS))
+
+
+def _table_version(wh, name: str) -> list | None:
+    snap = wh.snapshot(name)
+    return None if snap is None else [snap.run_id, snap.version]
+
+
+def inputs_fingerprint(cfg: Config, wh) -> tuple[str, dict]:
+    """Everything that shapes the examples: input table versions and the relevant keys."""
+    t = cfg.train
+    inputs = {
+        "mels": _table_version(wh, MELS.name),
+        "track_factors": _table_version(wh, TRACK_FACTORS.name) if t.target == "factors" else None,
+        "eval_holdout": _table_version(wh, COLD_HOLDOUT_TABLE),
+        "target": t.target, "seed": t.seed, "validation_fraction": t.validation_fraction,
+        "crop_frames": crop_frames_for(cfg), "n_mels": cfg.ingest.n_mels,
+        "sample_rate": cfg.ingest.sample_rate, "hop_length": cfg.ingest.hop_length,
+        "label_separator": t.label_separator if t.target == "labels" else None,
+        "rows_per_row_group": t.rows_per_row_group, "rows_per_file": t.rows_per_file,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, inputs
+
+
+def committed_training_set(cfg: Config, fingerprint: str | None = None) -> TrainingSet | None:
+    """The committed training set, if both splits come from one build (and match ``fingerprint``)."""
+    wh = warehouse(cfg)
+    train_snap, val_snap = wh.snapshot(TRAIN_EXAMPLES.name), wh.snapshot(VALIDATION_EXAMPLES.name)
+    if train_snap is None or val_snap is None or train_snap.run_id != val_snap.run_id:
+        return None
+    s = train_snap.summary
+    if fingerprint is not None and s.get("fingerprint") != fingerprint:
+        return None
+    return TrainingSet(
+        run_id=train_snap.run_id, train_rows=train_snap.rows, validation_rows=val_snap.rows,
+        train_files=wh.files(TRAIN_EXAMPLES.name, local=True),
+        validation_files=wh.files(VALIDATION_EXAMPLES.name, local=True),
+        target=s["target"], out_dim=int(s["out_dim"]), n_mels=int(s["n_mels"]),
+        crop_frames=int(s["crop_frames"]), source_run_id=s["source_run_id"],
+        label_names=list(s.get("label_names", [])), fingerprint=s["fingerprint"], summary=s)
+
+
+def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
+    """Join, split, reject and materialise; reuse the committed set when its inputs are unchanged."""
+    from pyspark.sql import functions as F
+
+    wh = warehouse(cfg)
+    t = cfg.train
+    fingerprint, inputs = inputs_fingerprint(cfg, wh)
+    existing = committed_training_set(cfg, fingerprint)
+    if existing is not None:
+        log.info("training set %s is up to date with its inputs: reused", existing.run_id)
+        return existing
+    if inputs["mels"] is None:
+        raise RuntimeError("table mels is empty: run the ingest stage first")
+    crop_frames = crop_frames_for(cfg)
+    n_mels = cfg.ingest.n_mels
+
+    mels = read_table(spark, wh, MELS).select(
+        "track_id", "mel", "n_mels", "n_frames", "sample_rate", "hop_length", "labels", "ingest_run_id")
+    reason = (F.when(F.length("mel") != F.col("n_mels") * F.col("n_frames") * 2, F.lit(BAD_MEL_BYTES))
+              .when(F.col("n_mels") != n_mels, F.lit(WRONG_N_MELS))
+              .when((F.col("sample_rate") != cfg.ingest.sample_rate)
+                    | (F.col("hop_length") != cfg.ingest.hop_length), F.lit(WRONG_MEL_FORMAT))
+              .when(F.col("n_frames") < crop_frames, F.lit(TOO_SHORT)))
+    detail = F.format_string("%d bytes, %d x %d frames, %d Hz, hop %d; crop needs %d frames",
+                             F.length("mel"), F.col("n_mels"), F.col("n_frames"), F.col("sample_rate"),
+                             F.col("hop_length"), F.lit(crop_frames))
+    mels = mels.withColumn("reason", reason).withColumn("detail", detail)
+
+    cold_tracks = None
+    if inputs["eval_holdout"] is not None and COLD_HOLDOUT_TABLE in ALL_TABLES:
+        cold_tracks = (read_table(spark, wh, ALL_TABLES[COLD_HOLDOUT_TABLE])
+                       .where(F.col("split") == "cold").select("track_id").distinct())
+
+    label_names: list[str] = []
+    if t.target == "factors":
+        if inputs["track_factors"] is None:
+            raise RuntimeError("table track_factors is empty: run the factors stage first "
+                               "(or set train.target = \"labels\")")
+        source_run_id = inputs["track_factors"][0]
+        factors = read_table(spark, wh, TRACK_FACTORS).select(
+            "track_id", F.col("factors_unit").alias("target"))
+        finite = F.forall("target", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
+        factors = factors.withColumn(
+            "target_reason", F.when(F.col("target").isNull() | (F.size("target") == 0) | ~finite,
+                                    F.lit(BAD_TARGET)))
+        if cold_tracks is not None:
+            factors = factors.join(cold_tracks, "track_id", "left_anti")
+        joined = factors.join(mels, "track_id", "left")
+        out_dim_row = factors.where(F.col("target_reason").isNull()).select(F.size("target")).first()
+        out_dim = int(out_dim_row[0]) if out_dim_row else 0
+        joined = joined.withColumn("reason", F.coalesce(
+            F.when(F.col("mel").isNull(), F.lit(NO_MEL)), F.col("target_reason"),
+            F.when(F.size("target") != out_dim, F.lit(BAD_TARGET)), F.col("reason")))
+        joined = joined.withColumn("detail", F.when(F.col("reason") == NO_MEL,
+                                                    F.lit("track has factors but no mel"))
+                                   .when(F.col("reason") == BAD_TARGET,
+                                         F.lit(f"factors must be {out_dim} finite values"))
+                                   .otherwise(F.col("detail")))
+    else:
+        if cold_tracks is not None:
+            mels = mels.join(cold_tracks, "track_id", "left_anti")
+        sep = t.label_separator
+        split_labels = F.filter(F.transform(F.split("labels", _regex_literal(sep)), F.trim),
+                                lambda x: F.length(x) > 0)
+        mels = mels.where(F.col("labels").isNotNull()).withColumn("label_list", split_labels) \
+                   .where(F.size("label_list") > 0)
+        label_names = sorted(r[0] for r in mels.where(F.col("reason").isNull())
+                             .select(F.explode("label_list")).distinct().collect())
+        if not label_names:
+            raise RuntimeError("train.target = \"labels\" but no valid mel has labels")
+        out_dim = len(label_names)
+        vocab = F.array(*[F.lit(n) for n in label_names])
+        multi_hot = F.transform(vocab, lambda name: F.array_contains("label_list", name).cast("float"))
+        joined = mels.withColumn("target", multi_hot)
+        source_run_id = inputs["mels"][0]
+
+    good = joined.where(F.col("reason").isNull())
+    bucket = F.pmod(F.xxhash64(F.lit(str(t.seed)), F.col("track_id")), F.lit(HASH_BUCKETS))
+    is_validation = bucket < F.lit(int(round(t.validation_fraction * HASH_BUCKETS)))
+    examples = (good.withColumn("is_validation", is_validation)
+                .withColumn("source_run_id", F.lit(source_run_id)).withColumn("run_id", F.lit(run_id)))
+
+    # Row groups of ~rows_per_row_group mels: Petastorm yields one batch per row group.
+    avg_bytes = read_table(spark, wh, MELS).select(F.avg(F.col("n_mels") * F.col("n_frames") * 2)).first()[0]
+    row_group_bytes = max(1 << 16, int((avg_bytes or 1) * t.rows_per_row_group))
+    # Deterministic shuffle of the rows across files and within them (row groups get mixed tracks).
+    order = F.xxhash64(F.col("track_id"), F.lit(t.seed + 1))
+    parts = cfg.spark.shuffle_partitions
+
+    def write(table, rows_df):
+        shuffled = rows_df.repartition(parts, order).sortWithinPartitions(order)
+        # parquet-mr checks a row group's size only every 100+ rows by default: far too coarse
+        # for ~32 mels of ~300 kB each.  Session conf reaches the writer's Hadoop conf.
+        previous = spark.conf.get(ROW_CHECK_KEY, None)
+        spark.conf.set(ROW_CHECK_KEY, str(max(1, t.rows_per_row_group // 4)))
+        try:
+            return write_table(shuffled, wh, table, run_id, rows_per_file=t.rows_per_file,
+                               row_group_bytes=row_group_bytes, summary=snapshot_summary)
+        finally:
+            if previous is None:
+                spark.conf.unset(ROW_CHECK_KEY)
+            else:
+                spark.conf.set(ROW_CHECK_KEY, previous)
+
+    rejects = joined.where(F.col("reason").isNotNull()).select(
+        "track_id", "reason", "detail", F.lit(run_id).alias("run_id"))
+    reject_snap = write_table(rejects.coalesce(1), wh, TRAIN_REJECTS, run_id)
+    reject_counts = {r["reason"]: r["count"] for r in
+                     read_table(spark, wh, TRAIN_REJECTS).groupBy("reason").count().collect()}
+    snapshot_summary = {"fingerprint": fingerprint, "inputs": inputs, "target": t.target,
+                        "out_dim": out_dim, "n_mels": n_mels, "crop_frames": crop_frames,
+                        "source_run_id": source_run_id, "label_names": label_names,
+                        "rejects": reject_counts, "rejects_total": reject_snap.rows}
+    write(TRAIN_EXAMPLES, examples.where(~F.col("is_validation")))
+    write(VALIDATION_EXAMPLES, examples.where(F.col("is_validation")))
+    built = committed_training_set(cfg, fingerprint)
+    if built is None:
+        raise RuntimeError("training set was written but its two splits do not match; "
+                           "another train job may be running against this warehouse")
+    if built.train_rows == 0:
+        raise RuntimeError(f"the training set is empty (rejects: {reject_counts or 'none'})")
+    log.info("training set %s: %d train, %d validation, rejects %s", run_id, built.train_rows,
+             built.validation_rows, reject_counts)
+    return built
+
+
+def _regex_literal(text: str) -> str:
+    import re
+    return re.escape(text)

@@ -1,0 +1,106 @@
+"""FactorCNN and its artifact: shapes, global pooling, save/load round trip, damaged files refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_config
+from deepcuts.model import (Artifact, FactorCNN, ModelArtifactError, decode_mel, frames_for_seconds,
+                            latest_model_id, load_artifact, min_frames, model_dir, save_artifact)
+from deepcuts.warehouse import Warehouse
+
+SMALL = {"train__conv_channels": [16, 16, 16], "train__dense_units": 32}
+
+
+def _meta(cfg, model: FactorCNN, mean=None, std=None) -> dict:
+    import dataclasses
+    return {"target": model.target, "n_mels": model.n_mels, "out_dim": model.out_dim,
+            "train": dataclasses.asdict(cfg.train),
+            "mel_mean": (mean if mean is not None else np.zeros(model.n_mels)).tolist(),
+            "mel_std": (std if std is not None else np.ones(model.n_mels)).tolist(), "crop_frames": 130,
+            "factors_run_id": "factors-1", "label_names": []}
+
+
+def test_min_frames_and_whole_excerpt_share_the_model(tmp_path):
+    cfg = make_config(tmp_path, **SMALL)
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=128, out_dim=32).eval()
+    assert model.min_frames == min_frames(4, [4, 2, 2]) == 55
+    assert frames_for_seconds(3.0, 22050, 512) == 130
+    crop, excerpt = torch.randn(3, 128, 130), torch.randn(1, 128, 1292)
+    assert model(crop).shape == (3, 32) and model(excerpt).shape == (1, 32)
+    assert model(torch.randn(1, 128, model.min_frames)).shape == (1, 32)
+    with pytest.raises(ValueError, match="at least 55"):
+        model(torch.randn(1, 128, 54))
+    # Global pooling concatenates mean, max and L2 norm over time.
+    pooled = model.pool(torch.tensor([[[1.0, 3.0, 2.0]]]))
+    assert torch.allclose(pooled, torch.tensor([[2.0, 3.0, float(np.sqrt(14.0))]]))
+
+
+def test_labels_model_embeds_the_penultimate_layer(tmp_path):
+    cfg = make_config(tmp_path, **SMALL, train__target="labels")
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=64, out_dim=5).eval()
+    x = torch.randn(2, 64, 100)
+    assert model(x).shape == (2, 5) and model.embed(x).shape == (2, 32) and model.embed_dim == 32
+
+
+def test_decode_mel_round_trip_and_bad_length():
+    mel = (np.arange(12, dtype=np.float32).reshape(3, 4) - 60).astype(np.float16)
+    out = decode_mel(mel.tobytes(), 3, 4)
+    assert out.dtype == np.float32 and out.shape == (3, 4) and np.array_equal(out, mel.astype(np.float32))
+    with pytest.raises(ValueError, match="expected 24"):
+        decode_mel(mel.tobytes()[:-2], 3, 4)
+
+
+def test_artifact_round_trip_normalises_and_publishes_latest(tmp_path):
+    cfg = make_config(tmp_path, **SMALL)
+    wh = Warehouse(str(tmp_path / "wh"))
+    assert latest_model_id(wh) is None
+    torch.manual_seed(0)
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
+    mean, std = np.linspace(-60, -20, 16).astype(np.float32), np.full(16, 5.0, np.float32)
+    folder = save_artifact(wh, "cnn-a", model, _meta(cfg, model, mean, std), publish=False)
+    assert latest_model_id(wh) is None     # not published until the caller says so
+    save_artifact(wh, "cnn-a", model, _meta(cfg, model, mean, std))
+    assert latest_model_id(wh) == "cnn-a" and folder == model_dir(wh, "cnn-a")
+    artifact = load_artifact(folder)
+    assert isinstance(artifact, Artifact) and artifact.model_id == "cnn-a" and not artifact.model.training
+    mels = np.random.default_rng(1).normal(-40, 10, (2, 16, 80)).astype(np.float32)
+    expected = model((torch.from_numpy(mels) - torch.from_numpy(mean)[None, :, None])
+                     / torch.from_numpy(std)[None, :, None]).detach().numpy()
+    np.testing.assert_allclose(artifact.embed(mels), expected, rtol=1e-5, atol=1e-6)
+    assert load_artifact(folder + "/model.pt").meta["factors_run_id"] == "factors-1"
+
+
+def test_damaged_artifacts_are_refused_by_name(tmp_path):
+    cfg = make_config(tmp_path, **SMALL)
+    wh = Warehouse(str(tmp_path / "wh"))
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4)
+    folder = save_artifact(wh, "cnn-b", model, _meta(cfg, model))
+    weights = tmp_path / "wh" / "models" / "cnn-b" / "model.pt"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelArtifactError, match="model.pt are corrupted or truncated"):
+        load_artifact(folder)
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x55
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ModelArtifactError, match="model.pt"):
+        load_artifact(folder)
+    weights.unlink()
+    with pytest.raises(ModelArtifactError, match="model.pt are missing"):
+        load_artifact(folder)
+    (tmp_path / "wh" / "models" / "cnn-b" / "meta.json").write_text("{not json")
+    with pytest.raises(ModelArtifactError, match="meta.json"):
+        load_artifact(folder)
+    with pytest.raises(ModelArtifactError, match="missing"):
+        load_artifact(str(tmp_path / "nowhere"))
+    # Weights from another architecture (the checksum matches, the shapes do not) are refused too.
+    other = FactorCNN.from_train_conf(cfg.replace(**{"train.dense_units": 8}).train, n_mels=16, out_dim=4)
+    save_artifact(wh, "cnn-c", other, _meta(cfg, model))
+    with pytest.raises(ModelArtifactError, match="cannot be loaded"):
+        load_artifact(model_dir(wh, "cnn-c"))
+    meta = json.loads((tmp_path / "wh" / "models" / "cnn-c" / "meta.json").read_text())
+    assert meta["weights_sha256"] and meta["model_id"] == "cnn-c"
