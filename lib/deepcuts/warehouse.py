@@ -249,7 +249,10 @@ def read_pandas(wh: Warehouse, table_name: str, columns: list[str] | None = None
         return table.schema.empty_table().to_pandas()
     fs = None if wh.is_local else wh.fs
     paths = files if wh.is_local else [f[len("s3://"):] for f in files]
-    return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=fs) for p in paths).to_pandas()
+    schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
+    # Cast each file to the declared schema: Spark records nullability differently run to run.
+    return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=fs).select(schema.names).cast(schema)
+                            for p in paths).to_pandas()
 
 
 def duckdb_views(con, wh: Warehouse) -> list[str]:
