@@ -173,11 +173,10 @@ def list_catalogue(spark, cfg: Config, run_id: str):
     return listing, spark.createDataFrame([], reject_schema)
 
 
-def _row_group_bytes(cfg: Config) -> int:
-    """Parquet row-group size that holds ~rows_per_row_group mels (one Petastorm batch)."""
+def mel_bytes_estimate(cfg: Config) -> int:
+    """Stored size of one mel excerpt (float16), for sizing Parquet row groups."""
     ing = cfg.ingest
-    frames = int(ing.excerpt_seconds * ing.sample_rate / ing.hop_length) + 1
-    return max(ing.rows_per_row_group * ing.n_mels * frames * 2, 1 << 20)
+    return ing.n_mels * (int(ing.excerpt_seconds * ing.sample_rate / ing.hop_length) + 1) * 2
 
 
 def run(spark, cfg: Config, run_id: str) -> dict:
@@ -239,7 +238,8 @@ def run(spark, cfg: Config, run_id: str) -> dict:
             kept = spark.read.parquet(*affected).join(superseded.select("track_id"), "track_id", "left_anti")
             out = out.unionByName(kept.select(*out.columns))
         snap = write_table(out, wh, MELS, run_id, replace=False, removed=[wh.rel(MELS.name, f) for f in affected],
-                           rows_per_file=cfg.ingest.rows_per_file, row_group_bytes=_row_group_bytes(cfg),
+                           rows_per_file=cfg.ingest.rows_per_file, row_group_rows=cfg.ingest.rows_per_row_group,
+                           row_bytes=mel_bytes_estimate(cfg),
                            expected_version=mels_version,
                            summary={"ingested": n_ok, "rewritten_files": len(affected)})
         mels_summary = f"v{snap.version}, {snap.rows} rows"

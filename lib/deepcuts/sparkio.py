@@ -98,14 +98,20 @@ def conform(df, table: Table):
 
 def write_table(df, wh: Warehouse, table: Table, run_id: str, *, replace: bool = True,
                 removed: Iterable[str] = (), summary: dict | None = None,
-                rows_per_file: int | None = None, row_group_bytes: int | None = None,
-                expected_version: int | None = None) -> Snapshot:
-    """Write ``df`` as new immutable files of ``table`` and commit them atomically."""
+                rows_per_file: int | None = None, row_group_rows: int | None = None,
+                row_bytes: int | None = None, expected_version: int | None = None) -> Snapshot:
+    """Write ``df`` as new immutable files of ``table`` and commit them atomically.
+
+    ``row_group_rows`` (with ``row_bytes``, the expected size of one row) sizes Parquet row
+    groups, e.g. one Petastorm batch of mels."""
     out = conform(df, table).write.mode("overwrite")
     if rows_per_file:
         out = out.option("maxRecordsPerFile", rows_per_file)
-    if row_group_bytes:
-        out = out.option("parquet.block.size", row_group_bytes)
+    if row_group_rows and row_bytes:
+        # parquet-mr checks a row group's size only every 100+ rows by default: far too coarse
+        # for rows of ~300 kB.  (It checks row groups with the page-size key in 1.13.)
+        out = (out.option("parquet.block.size", max(row_group_rows * row_bytes, 64 * 1024))
+               .option("parquet.page.size.row.check.min", max(1, row_group_rows // 4)))
     out.parquet(wh.data_dir(table.name, run_id))
     added = wh.list_data_files(table.name, run_id)
     return wh.commit(table.name, run_id, added, removed=removed, replace=replace, summary=summary,

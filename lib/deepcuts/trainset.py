@@ -26,7 +26,6 @@ from .tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJE
 log = logging.getLogger(__name__)
 
 HASH_BUCKETS = 10_000
-ROW_CHECK_KEY = "parquet.page.size.row.check.min"   # parquet-mr 1.13 checks row groups with it too
 COLD_HOLDOUT_TABLE = "eval_holdout"   # written by the factors stage when evaluation is on
 
 # Reason codes of train_rejects.
@@ -189,25 +188,15 @@ def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
 
     # Row groups of ~rows_per_row_group mels: Petastorm yields one batch per row group.
     avg_bytes = read_table(spark, wh, MELS).select(F.avg(F.col("n_mels") * F.col("n_frames") * 2)).first()[0]
-    row_group_bytes = max(1 << 16, int((avg_bytes or 1) * t.rows_per_row_group))
     # Deterministic shuffle of the rows across files and within them (row groups get mixed tracks).
     order = F.xxhash64(F.col("track_id"), F.lit(t.seed + 1))
     parts = cfg.spark.shuffle_partitions
 
     def write(table, rows_df):
         shuffled = rows_df.repartition(parts, order).sortWithinPartitions(order)
-        # parquet-mr checks a row group's size only every 100+ rows by default: far too coarse
-        # for ~32 mels of ~300 kB each.  Session conf reaches the writer's Hadoop conf.
-        previous = spark.conf.get(ROW_CHECK_KEY, None)
-        spark.conf.set(ROW_CHECK_KEY, str(max(1, t.rows_per_row_group // 4)))
-        try:
-            return write_table(shuffled, wh, table, run_id, rows_per_file=t.rows_per_file,
-                               row_group_bytes=row_group_bytes, summary=snapshot_summary)
-        finally:
-            if previous is None:
-                spark.conf.unset(ROW_CHECK_KEY)
-            else:
-                spark.conf.set(ROW_CHECK_KEY, previous)
+        return write_table(shuffled, wh, table, run_id, rows_per_file=t.rows_per_file,
+                           row_group_rows=t.rows_per_row_group, row_bytes=int(avg_bytes or 1),
+                           summary=snapshot_summary)
 
     rejects = joined.where(F.col("reason").isNotNull()).select(
         "track_id", "reason", "detail", F.lit(run_id).alias("run_id"))
