@@ -60,7 +60,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "numba", "botocore", "urllib3", "s3transfer"):
+    for noisy in ("py4j", "numba", "botocore", "urllib3", "s3transfer", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

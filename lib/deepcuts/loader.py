@@ -14,6 +14,7 @@ partly-consumed one is the training loop's to redo from its checkpoint.
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from typing import Iterator, Sequence
 
@@ -22,6 +23,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = ["track_id", "mel", "n_mels", "n_frames", "target"]
+# The WPE objective's per-track weight (flattened rank x rank Cholesky factor, see trainset).
+TARGET_WEIGHT_COLUMN = "target_weight"
 
 
 class ShortEpochError(RuntimeError):
@@ -53,15 +56,18 @@ def decode_crops(track_ids: Sequence[str], mels: Sequence[bytes], n_mels: Sequen
     return out
 
 
-def _crop_transform(crop_frames: int, seed: int, epoch: int | None):
+def _crop_transform(crop_frames: int, seed: int, epoch: int | None, with_target_weight: bool = False):
     """The Petastorm transform variant (decode_in_workers): one row group's pandas frame ->
-    mel crops + targets.  Kept for bench/train.py's comparison."""
+    mel crops + targets (+ target weights).  Kept for bench/train.py's comparison."""
     def transform(frame):
         import numpy as np  # noqa: F811 (process pools import the function by value)
         frame["mel"] = decode_crops(frame["track_id"].tolist(), frame["mel"].tolist(),
                                     frame["n_mels"].tolist(), frame["n_frames"].tolist(),
                                     crop_frames, seed, epoch)
         frame["target"] = [np.asarray(t, dtype=np.float32) for t in frame["target"]]
+        if with_target_weight:
+            frame["target_weight"] = [np.asarray(w, dtype=np.float32) for w in frame["target_weight"]]
+            return frame[["mel", "target", "target_weight"]]
         return frame[["mel", "target"]]
     return transform
 
@@ -71,12 +77,14 @@ def file_urls(paths: Sequence[str]) -> list[str]:
 
 
 class EpochReader:
-    """Batches of (mel crops float32 [B, n_mels, crop_frames], targets float32 [B, out_dim])."""
+    """Batches of (mel crops float32 [B, n_mels, crop_frames], targets float32 [B, out_dim]), or
+    with ``with_target_weight`` (the WPE objective) triples ending in the per-track weights
+    float32 [B, out_dim * out_dim] of the examples' ``target_weight`` column."""
 
     def __init__(self, files: Sequence[str], expected_rows: int, n_mels: int, crop_frames: int,
                  batch_size: int, *, train: bool, seed: int, workers: int = 2,
                  shuffle_buffer_rows: int = 256, empty_epoch_retries: int = 2,
-                 decode_in_workers: bool = False):
+                 decode_in_workers: bool = False, with_target_weight: bool = False):
         self.urls = file_urls(files)
         self.expected_rows = expected_rows
         self.n_mels = n_mels
@@ -90,40 +98,52 @@ class EpochReader:
         # Decoding in a Petastorm transform costs two pandas<->Arrow round trips of the crops
         # per row group: measured 2.5x slower than decoding the raw bytes here (bench/train.py).
         self.decode_in_workers = decode_in_workers
+        self.with_target_weight = with_target_weight
+        self.columns = READ_COLUMNS + ([TARGET_WEIGHT_COLUMN] if with_target_weight else [])
         self.last_epoch_rows = 0
 
-    def _row_groups(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _row_groups(self, epoch: int) -> Iterator[tuple[np.ndarray, ...]]:
         from petastorm import make_batch_reader
         from petastorm.transform import TransformSpec
         crop_epoch = epoch if self.train else None
         spec = None
+        weighted = self.with_target_weight
         if self.decode_in_workers:
+            edit_fields = [("mel", np.float32, (self.n_mels, self.crop_frames), False),
+                           ("target", np.float32, (None,), False)]
+            if weighted:
+                edit_fields.append((TARGET_WEIGHT_COLUMN, np.float32, (None,), False))
             spec = TransformSpec(
-                _crop_transform(self.crop_frames, self.seed, crop_epoch),
-                edit_fields=[("mel", np.float32, (self.n_mels, self.crop_frames), False),
-                             ("target", np.float32, (None,), False)],
-                selected_fields=["mel", "target"])
-        with make_batch_reader(self.urls, schema_fields=READ_COLUMNS, reader_pool_type="thread",
-                               workers_count=self.workers, num_epochs=1,
-                               # Petastorm's default queues 50 row groups (~0.5 GB of mels): a few suffice.
-                               results_queue_size=2 * self.workers + 2,
-                               shuffle_row_groups=self.train, seed=self.seed * 100_003 + epoch,
-                               transform_spec=spec) as reader:
+                _crop_transform(self.crop_frames, self.seed, crop_epoch, weighted),
+                edit_fields=edit_fields, selected_fields=[f[0] for f in edit_fields])
+        with warnings.catch_warnings():
+            # Our names are exact: "target" no longer prefix-matching "target_weight" is wanted.
+            warnings.filterwarnings("ignore", message="schema_fields behavior has changed")
+            reader = make_batch_reader(self.urls, schema_fields=self.columns, reader_pool_type="thread",
+                                       workers_count=self.workers, num_epochs=1,
+                                       # Petastorm's default queues 50 row groups (~0.5 GB of mels): a few suffice.
+                                       results_queue_size=2 * self.workers + 2,
+                                       shuffle_row_groups=self.train, seed=self.seed * 100_003 + epoch,
+                                       transform_spec=spec)
+        with reader:
             for batch in reader:
                 if self.decode_in_workers:
-                    yield batch.mel, batch.target
+                    arrays = (batch.mel, batch.target)
                 else:
                     crops = decode_crops(batch.track_id, batch.mel, batch.n_mels, batch.n_frames,
                                          self.crop_frames, self.seed, crop_epoch)
-                    yield np.stack(crops), np.asarray(batch.target, dtype=np.float32)
+                    arrays = (np.stack(crops), _float_matrix(batch.target))
+                if weighted:
+                    arrays += (_float_matrix(batch.target_weight),)
+                yield arrays
 
-    def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, ...]]:
         """One epoch.  Raises ShortEpochError after the last batch if rows went missing."""
         for attempt in range(self.empty_epoch_retries + 1):
             rows = 0
-            for mel, target in self._shuffled(self._row_groups(epoch), epoch):
-                rows += len(mel)
-                yield mel, target
+            for arrays in self._shuffled(self._row_groups(epoch), epoch):
+                rows += len(arrays[0])
+                yield arrays
             self.last_epoch_rows = rows
             if rows == self.expected_rows:
                 return
@@ -135,31 +155,35 @@ class EpochReader:
         raise ShortEpochError(f"epoch {epoch} delivered {self.last_epoch_rows} rows, the training set "
                               f"holds {self.expected_rows} ({len(self.urls)} files)")
 
-    def _shuffled(self, groups: Iterator[tuple[np.ndarray, np.ndarray]], epoch: int):
-        """Mix rows of several row groups, then cut batches; memory stays ~shuffle_buffer_rows."""
+    def _shuffled(self, groups: Iterator[tuple[np.ndarray, ...]], epoch: int):
+        """Mix rows of several row groups, then cut batches; memory stays ~shuffle_buffer_rows.
+        Each group is a tuple of row-aligned arrays (mels, targets[, weights]), kept aligned."""
         rng = np.random.default_rng([self.seed, epoch])
-        mels: list[np.ndarray] = []
-        targets: list[np.ndarray] = []
+        pending: list[tuple[np.ndarray, ...]] = []
         held = 0
-        for mel, target in groups:
-            mels.append(mel)
-            targets.append(target)
-            held += len(mel)
+        for arrays in groups:
+            pending.append(arrays)
+            held += len(arrays[0])
             if held >= self.shuffle_buffer_rows:
-                mel_all, target_all = np.concatenate(mels), np.concatenate(targets)
+                joined = [np.concatenate(parts) for parts in zip(*pending)]
                 order = rng.permutation(held) if self.train else np.arange(held)
                 full = held - held % self.batch_size
                 for start in range(0, full, self.batch_size):
                     idx = order[start:start + self.batch_size]
-                    yield mel_all[idx], target_all[idx]
-                mels, targets = [mel_all[order[full:]]], [target_all[order[full:]]]
+                    yield tuple(a[idx] for a in joined)
+                pending = [tuple(a[order[full:]] for a in joined)]
                 held -= full
         if held:
-            mel_all, target_all = np.concatenate(mels), np.concatenate(targets)
+            joined = [np.concatenate(parts) for parts in zip(*pending)]
             order = rng.permutation(held) if self.train else np.arange(held)
             for start in range(0, held, self.batch_size):
                 idx = order[start:start + self.batch_size]
-                yield mel_all[idx], target_all[idx]
+                yield tuple(a[idx] for a in joined)
+
+
+def _float_matrix(lists) -> np.ndarray:
+    """A column of equal-length float lists -> float32 [rows, width]."""
+    return np.asarray(lists, dtype=np.float32)
 
 
 def band_statistics(files: Sequence[str], expected_rows: int, n_mels: int, crop_frames: int, seed: int,
@@ -173,7 +197,7 @@ def band_statistics(files: Sequence[str], expected_rows: int, n_mels: int, crop_
         total = np.zeros(n_mels, dtype=np.float64)
         total_sq = np.zeros(n_mels, dtype=np.float64)
         rows = 0
-        for mel, _ in reader._row_groups(epoch=0):
+        for mel, *_ in reader._row_groups(epoch=0):
             x = mel.astype(np.float64)
             total += x.sum(axis=(0, 2))
             total_sq += np.square(x).sum(axis=(0, 2))

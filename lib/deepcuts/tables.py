@@ -170,6 +170,9 @@ def _examples_table(name: str, doc: str) -> Table:
         F("n_mels", pa.int32(), nullable=False),
         F("n_frames", pa.int32(), nullable=False),
         F("target", VECTOR, nullable=False),
+        # train.loss = "wpe" only: the track's flattened (row-major) rank x rank lower-triangular
+        # Cholesky factor of its WPE weight matrix, scaled by 1/sqrt(n_users); null for mse/labels.
+        F("target_weight", VECTOR),
         F("source_run_id", pa.string(), nullable=False),
         F("run_id", pa.string(), nullable=False),
     )

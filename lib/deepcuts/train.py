@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, TrainConf, to_dict
+from .config import Config, TrainConf, to_dict
 from .loader import EpochReader, ShortEpochError, band_statistics
 from .model import (FactorCNN, normalise, read_bytes, resolve_device, save_artifact,
                     write_bytes_atomic)
@@ -79,13 +79,30 @@ def make_schedule(optimizer: torch.optim.Optimizer, t: TrainConf):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+class WeightedPredictionError(nn.Module):
+    """van den Oord et al.'s (2013) WPE, per track: ``mean_i ||W_i^T (y_i - y*_i)||^2``.
+
+    ``weight`` holds each track's W_i = chol(A_i) / sqrt(n_users), flattened row-major
+    [B, rank * rank] (see ``trainset``), so the value is the WPE summed over all users,
+    minus a constant per track, divided by n_users: a per-user squared error."""
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rank = prediction.shape[1]
+        factor = weight.view(-1, rank, rank)
+        projected = torch.einsum("bij,bi->bj", factor, prediction - target)   # W_i^T (y - y*)
+        return projected.square().sum(dim=1).mean()
+
+
 def make_loss(t: TrainConf) -> nn.Module:
     if t.target == "labels":
         return nn.BCEWithLogitsLoss()
     if t.loss == "wpe":
-        raise ConfigError("train.loss = \"wpe\" needs per-track confidence statistics the training set "
-                         "does not hold yet; use \"mse\"")
+        return WeightedPredictionError()
     return nn.MSELoss()
+
+
+def uses_target_weight(loss_fn: nn.Module) -> bool:
+    return isinstance(loss_fn, WeightedPredictionError)
 
 
 def format_duration(seconds: float) -> str:
@@ -178,12 +195,15 @@ def _run_epoch(model, reader: EpochReader, epoch: int, loss_fn, device, mean, st
     total, rows, started = 0.0, 0, time.time()
     grad = torch.enable_grad() if training else torch.no_grad()
     with grad:
-        for mel, target in reader.batches(epoch):
+        for mel, target, *weight in reader.batches(epoch):
             x = normalise(torch.from_numpy(mel).to(device, non_blocking=True), mean, std)
             y = torch.from_numpy(target).to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 out = model(x)
-            loss = loss_fn(out.float(), y)
+            if weight:   # wpe: the reader delivers each track's weight factor too
+                loss = loss_fn(out.float(), y, torch.from_numpy(weight[0]).to(device, non_blocking=True))
+            else:
+                loss = loss_fn(out.float(), y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -211,6 +231,10 @@ def train_model(cfg: Config, ts: TrainingSet, wh, run_id: str, device: torch.dev
     schedule = make_schedule(optimizer, t)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     loss_fn = make_loss(t)
+    weighted = uses_target_weight(loss_fn)
+    if weighted != (ts.loss == "wpe"):
+        raise ValueError(f"train.loss = {t.loss!r} but training set {ts.run_id} was built for loss "
+                         f"{ts.loss!r}: rebuild it (build_training_set) with this config")
 
     state = load_checkpoint(ckpt_dir) if t.resume else None
     if state is not None:
@@ -239,7 +263,7 @@ def train_model(cfg: Config, ts: TrainingSet, wh, run_id: str, device: torch.dev
 
     reader_args = dict(n_mels=ts.n_mels, crop_frames=ts.crop_frames, batch_size=t.batch_size,
                        seed=t.seed, workers=t.loader_workers, shuffle_buffer_rows=t.shuffle_buffer_rows,
-                       empty_epoch_retries=t.epoch_retries)
+                       empty_epoch_retries=t.epoch_retries, with_target_weight=weighted)
     train_reader = EpochReader(ts.train_files, ts.train_rows, train=True, **reader_args)
     val_reader = (EpochReader(ts.validation_files, ts.validation_rows, train=False, **reader_args)
                   if ts.validation_rows else None)
@@ -316,7 +340,12 @@ def artifact_meta(cfg: Config, ts: TrainingSet, result: TrainResult, evaluation:
     return {
         "model_id": result.model_id, "target": ts.target, "n_mels": ts.n_mels,
         "out_dim": result.model.embed_dim, "n_outputs": ts.out_dim,
-        "target_column": "factors_unit" if ts.target == "factors" else "labels",
+        # wpe learns raw-scale ALS factors (y*_i), served as is; mse learns directions.
+        "target_column": ("labels" if ts.target != "factors" else "factors" if ts.loss == "wpe"
+                          else "factors_unit"),
+        "loss": "bce" if ts.target == "labels" else ts.loss,
+        "output_scale": ("labels" if ts.target != "factors" else "raw_factors" if ts.loss == "wpe"
+                         else "unit_factors"),
         "train": to_dict(cfg.train), "mel_mean": result.mel_mean.tolist(), "mel_std": result.mel_std.tolist(),
         "crop_frames": ts.crop_frames, "sample_rate": cfg.ingest.sample_rate, "hop_length": cfg.ingest.hop_length,
         "factors_run_id": ts.source_run_id if ts.target == "factors" else None,

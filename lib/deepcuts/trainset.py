@@ -7,6 +7,14 @@ track never moves between the two from one night to the next.  Bad rows (a mel w
 do not match its shape, too short for a crop, wrong band count, non-finite factors, ...)
 go to ``train_rejects`` with a reason code.
 
+With ``train.loss = "wpe"`` (van den Oord et al. 2013's weighted prediction error) the
+target of a track i is not its unit ALS factor but y*_i = A_i^-1 b_i, with
+``A_i = X^T X + sum_{u in P(i)} (c_ui - 1) x_u x_u^T`` and ``b_i = sum_{u in P(i)} c_ui x_u``
+over the published ``user_factors`` X and the track's listeners P(i), so that
+``WPE_i(y) = sum_u c_ui (p_ui - x_u^T y)^2 = (y - y*_i)^T A_i (y - y*_i) + const``.  The
+examples then also hold ``target_weight``: the Cholesky factor of ``A_i / n_users``
+(flattened), and the loss ``||W_i^T (y - y*_i)||^2`` is WPE_i / n_users up to a constant.
+
 The build is skipped when its inputs (table versions + the keys that shape examples) are
 those of the committed training set: a resumed training run then sees the same examples.
 """
@@ -17,10 +25,12 @@ import json
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import Config
 from .model import frames_for_seconds
 from .sparkio import read_table, warehouse, write_table
-from .tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
+from .tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
                      VALIDATION_EXAMPLES)
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,10 @@ WRONG_MEL_FORMAT = "wrong_mel_format"
 TOO_SHORT = "too_short_for_crop"
 BAD_TARGET = "bad_factors"
 NO_MEL = "no_mel"
+NO_PLAYS = "no_plays"        # wpe: the track has factors but no plays by a user with factors
+
+# wpe: ridge added to A_i before Cholesky, relative to its mean eigenvalue (trace / rank).
+WPE_RIDGE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class TrainingSet:
     label_names: list[str]
     fingerprint: str
     summary: dict
+    loss: str = "mse"                 # "wpe": examples carry target_weight, targets are raw-scale
 
 
 def crop_frames_for(cfg: Config) -> int:
@@ -82,6 +97,11 @@ def inputs_fingerprint(cfg: Config, wh) -> tuple[str, dict]:
         "label_separator": t.label_separator if t.target == "labels" else None,
         "rows_per_row_group": t.rows_per_row_group, "rows_per_file": t.rows_per_file,
     }
+    if uses_wpe(cfg):
+        # Only added for wpe, so the fingerprints of existing mse sets stay valid.
+        fc = cfg.factors
+        inputs.update(loss="wpe", user_factors=_table_version(wh, USER_FACTORS.name), plays=fc.plays,
+                      plays_format=fc.plays_format, alpha=fc.alpha, epsilon=fc.epsilon, wpe_ridge=WPE_RIDGE)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return digest, inputs
 
@@ -101,11 +121,100 @@ def committed_training_set(cfg: Config, fingerprint: str | None = None) -> Train
         validation_files=wh.files(VALIDATION_EXAMPLES.name, local=True),
         target=s["target"], out_dim=int(s["out_dim"]), n_mels=int(s["n_mels"]),
         crop_frames=int(s["crop_frames"]), source_run_id=s["source_run_id"],
-        label_names=list(s.get("label_names", [])), fingerprint=s["fingerprint"], summary=s)
+        label_names=list(s.get("label_names", [])), fingerprint=s["fingerprint"], summary=s,
+        loss=s.get("loss", "mse"))
+
+
+def uses_wpe(cfg: Config) -> bool:
+    return cfg.train.target == "factors" and cfg.train.loss == "wpe"
+
+
+# --- the WPE statistics (pure) ------------------------------------------------------------
+def wpe_track_statistics(listener_factors: np.ndarray, confidences: np.ndarray, gram: np.ndarray,
+                         n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y*_i, W_i) of one track from its listeners' factors [n, rank] and confidences c_ui [n].
+
+    ``gram`` is X^T X over all ``n_users`` users.  W_i is the lower Cholesky factor of
+    A_i / n_users (+ a tiny ridge), so ``||W_i^T (y - y*_i)||^2 = (WPE_i(y) - const) / n_users``.
+    Non-finite inputs give NaN outputs (rejected by the caller as bad factors)."""
+    x = np.asarray(listener_factors, dtype=np.float64)
+    c = np.asarray(confidences, dtype=np.float64)
+    rank = gram.shape[0]
+    a = gram + (x * (c - 1.0)[:, None]).T @ x
+    b = x.T @ c
+    a = a + np.eye(rank) * (WPE_RIDGE * max(np.trace(a) / rank, 1e-12))
+    try:
+        chol = np.linalg.cholesky(a)
+        target = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.full(rank, np.nan), np.full((rank, rank), np.nan)
+    return target, chol / np.sqrt(n_users)
+
+
+def partial_gram(batches):
+    """mapInPandas over (factors): one row per partition with its X^T X (flattened) and row count."""
+    import pandas as pd
+    gram, rows = None, 0
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        x = np.stack(batch["factors"].to_numpy()).astype(np.float64)
+        gram = x.T @ x if gram is None else gram + x.T @ x
+        rows += len(x)
+    if gram is not None:
+        yield pd.DataFrame({"gram": [gram.ravel()], "n": [rows]})
+
+
+def wpe_statistics_frame(spark, cfg: Config, wh, track_ids_df):
+    """(track_id, target, target_weight, wpe_listeners) for the tracks of ``track_ids_df``,
+    plus {"n_users", "rank"}.  Plays are read and validated the way the factors stage reads
+    them; only X^T X (rank^2 numbers) ever reaches the driver."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+    from .factors import rating_column
+    from .plays import aggregate_pairs, read_raw_plays, validate_plays
+    fc = cfg.factors
+    users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
+    partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()
+    n_users = sum(int(r["n"]) for r in partials)
+    if n_users == 0:
+        raise RuntimeError("train.loss = \"wpe\" needs user_factors: run the factors stage first")
+    gram = np.sum([np.asarray(r["gram"], dtype=np.float64) for r in partials], axis=0)
+    rank = int(round(np.sqrt(gram.size)))
+    gram = gram.reshape(rank, rank)   # shipped to executors inside the closure: rank^2 doubles
+
+    validated = validate_plays(read_raw_plays(spark, fc.plays, fc.plays_format), fc.plays_format)
+    pairs = aggregate_pairs(validated.where(F.col("reason").isNull()))
+    listened = (pairs.join(track_ids_df.select("track_id").distinct(), "track_id", "left_semi")
+                .join(users, "user_id")
+                .select("track_id", "factors",
+                        (1.0 + F.lit(float(fc.alpha)) * rating_column(F.col("plays"), fc.epsilon))
+                        .alias("confidence")))
+
+    def per_track(frame: pd.DataFrame) -> pd.DataFrame:
+        target, weight = wpe_track_statistics(np.stack(frame["factors"].to_numpy()),
+                                              frame["confidence"].to_numpy(), gram, n_users)
+        return pd.DataFrame({"track_id": [frame["track_id"].iloc[0]],
+                             "target": [target.astype(np.float32)],
+                             "target_weight": [weight.astype(np.float32).ravel()],
+                             "wpe_listeners": [len(frame)]})
+
+    stats = listened.groupBy("track_id").applyInPandas(
+        per_track, "track_id string, target array<float>, target_weight array<float>, wpe_listeners long")
+    return stats, {"n_users": n_users, "rank": rank}
 
 
 def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
     """Join, split, reject and materialise; reuse the committed set when its inputs are unchanged."""
+    persisted: list = []
+    try:
+        return _build_training_set(spark, cfg, run_id, persisted)
+    finally:
+        for df in persisted:
+            df.unpersist()
+
+
+def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> TrainingSet:
     from pyspark.sql import functions as F
 
     wh = warehouse(cfg)
@@ -145,20 +254,40 @@ def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
         source_run_id = inputs["track_factors"][0]
         factors = read_table(spark, wh, TRACK_FACTORS).select(
             "track_id", F.col("factors_unit").alias("target"))
-        finite = F.forall("target", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
-        factors = factors.withColumn(
-            "target_reason", F.when(F.col("target").isNull() | (F.size("target") == 0) | ~finite,
-                                    F.lit(BAD_TARGET)))
         if cold_tracks is not None:
             factors = factors.join(cold_tracks, "track_id", "left_anti")
+        if uses_wpe(cfg):
+            # The WPE target y*_i replaces the unit factors; target_weight carries A_i's factor.
+            wpe_stats, wpe_info = wpe_statistics_frame(spark, cfg, wh, factors)
+            wpe_stats = wpe_stats.persist()   # written three times below (train, validation, rejects)
+            persisted.append(wpe_stats)
+            factors = factors.select("track_id").join(wpe_stats, "track_id", "left")
+            no_plays = F.col("wpe_listeners").isNull()
+        else:
+            wpe_info = None
+            factors = factors.withColumn("target_weight", F.lit(None).cast("array<float>"))
+            no_plays = F.lit(False)
+        finite = F.forall("target", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf")))
+        finite_weight = F.coalesce(F.forall("target_weight", lambda x: ~F.isnan(x) & (F.abs(x) < float("inf"))),
+                                   F.lit(True))
+        factors = factors.withColumn(
+            "target_reason", F.when(no_plays, F.lit(NO_PLAYS))
+            .when(F.col("target").isNull() | (F.size("target") == 0) | ~finite | ~finite_weight,
+                  F.lit(BAD_TARGET)))
         joined = factors.join(mels, "track_id", "left")
-        out_dim_row = factors.where(F.col("target_reason").isNull()).select(F.size("target")).first()
-        out_dim = int(out_dim_row[0]) if out_dim_row else 0
+        if wpe_info is not None:
+            out_dim = wpe_info["rank"]
+        else:
+            out_dim_row = factors.where(F.col("target_reason").isNull()).select(F.size("target")).first()
+            out_dim = int(out_dim_row[0]) if out_dim_row else 0
         joined = joined.withColumn("reason", F.coalesce(
             F.when(F.col("mel").isNull(), F.lit(NO_MEL)), F.col("target_reason"),
             F.when(F.size("target") != out_dim, F.lit(BAD_TARGET)), F.col("reason")))
         joined = joined.withColumn("detail", F.when(F.col("reason") == NO_MEL,
                                                     F.lit("track has factors but no mel"))
+                                   .when(F.col("reason") == NO_PLAYS,
+                                         F.lit("track has factors but no plays by a user with factors "
+                                               "(factors.plays changed since the factors run?)"))
                                    .when(F.col("reason") == BAD_TARGET,
                                          F.lit(f"factors must be {out_dim} finite values"))
                                    .otherwise(F.col("detail")))
@@ -177,7 +306,9 @@ def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
         out_dim = len(label_names)
         vocab = F.array(*[F.lit(n) for n in label_names])
         multi_hot = F.transform(vocab, lambda name: F.array_contains("label_list", name).cast("float"))
-        joined = mels.withColumn("target", multi_hot)
+        joined = mels.withColumn("target", multi_hot) \
+                     .withColumn("target_weight", F.lit(None).cast("array<float>"))
+        wpe_info = None
         source_run_id = inputs["mels"][0]
 
     good = joined.where(F.col("reason").isNull())
@@ -206,7 +337,12 @@ def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
     snapshot_summary = {"fingerprint": fingerprint, "inputs": inputs, "target": t.target,
                         "out_dim": out_dim, "n_mels": n_mels, "crop_frames": crop_frames,
                         "source_run_id": source_run_id, "label_names": label_names,
-                        "rejects": reject_counts, "rejects_total": reject_snap.rows}
+                        "rejects": reject_counts, "rejects_total": reject_snap.rows,
+                        "loss": "wpe" if wpe_info else "mse"}
+    if wpe_info:
+        # target_weight = chol(A_i) / sqrt(n_users): the loss is WPE per user (see module docstring).
+        snapshot_summary["wpe"] = {**wpe_info, "loss_scale": f"1/{wpe_info['n_users']} (1/n_users)",
+                                   "alpha": cfg.factors.alpha, "epsilon": cfg.factors.epsilon}
     write(TRAIN_EXAMPLES, examples.where(~F.col("is_validation")))
     write(VALIDATION_EXAMPLES, examples.where(F.col("is_validation")))
     built = committed_training_set(cfg, fingerprint)
