@@ -89,6 +89,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="excerpt length")
     p.add_argument("--cores", type=int, default=2, help="Spark local[cores]")
     p.add_argument("--scoring", choices=("whole", "windows"), default=None, help="default: conf")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: conf")
     args = p.parse_args()
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -103,6 +104,8 @@ def main() -> int:
                  "spark.checkpoint_dir": os.path.join(root, "checkpoints")}
     if args.scoring:
         overrides["infer.scoring"] = args.scoring
+    if args.precision:
+        overrides["infer.precision"] = args.precision
     cfg = load_config(overrides=overrides)
     wh = warehouse(cfg)
     n_mels = cfg.ingest.n_mels
@@ -117,10 +120,10 @@ def main() -> int:
     write_synthetic_mels(wh, args.tracks, n_mels, n_frames, cfg.ingest.rows_per_row_group)
     print(f"infer bench: {args.tracks} mels of {n_mels}x{n_frames} ({args.seconds:g} s), "
           f"model {params / 1e6:.1f} M params (conv {train['conv_channels']}, dense "
-          f"{train['dense_units']}), scoring={cfg.infer.scoring}, torch {torch.__version__}, "
+          f"{train['dense_units']}), scoring={cfg.infer.scoring}, precision={cfg.infer.precision}, torch {torch.__version__}, "
           f"batch {cfg.infer.batch_size}", flush=True)
 
-    artifact = load_artifact(folder)
+    artifact = load_artifact(folder, precision=cfg.infer.precision)
     loop_per_core, scored = loop_rate(wh, artifact, cfg, cfg.spark.arrow_batch_rows)
     assert scored == args.tracks, f"loop scored {scored} of {args.tracks}"
     print(f"  loop (1 process, 1 thread):       {loop_per_core:8.1f} tracks/s per core", flush=True)

@@ -104,3 +104,20 @@ def test_damaged_artifacts_are_refused_by_name(tmp_path):
         load_artifact(model_dir(wh, "cnn-c"))
     meta = json.loads((tmp_path / "wh" / "models" / "cnn-c" / "meta.json").read_text())
     assert meta["weights_sha256"] and meta["model_id"] == "cnn-c"
+
+
+def test_bf16_precision_scores_within_two_percent_of_fp32(tmp_path):
+    """infer.precision = "bf16" autocasts on CPUs with native bf16, and only there."""
+    from deepcuts.model import cpu_has_native_bf16
+    cfg = make_config(tmp_path, **SMALL)
+    wh = Warehouse(str(tmp_path / "wh"))
+    torch.manual_seed(0)
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
+    mean, std = np.zeros(16, np.float32), np.ones(16, np.float32)
+    folder = save_artifact(wh, "cnn-b", model, _meta(cfg, model, mean, std))
+    full, reduced = load_artifact(folder), load_artifact(folder, precision="bf16")
+    assert not full.cpu_bf16 and reduced.cpu_bf16 == cpu_has_native_bf16()
+    mels = np.random.default_rng(2).normal(0, 1, (3, 16, 120)).astype(np.float32)
+    a, b = full.embed(mels), reduced.embed(mels)
+    assert b.dtype == np.float32
+    assert float(np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1))) < 0.02

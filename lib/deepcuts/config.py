@@ -143,6 +143,7 @@ class InferConf:
     scoring: str = rule(choices=("whole", "windows"))
     window_seconds: float = rule(min=0.5)
     batch_size: int = rule(min=1)
+    precision: str = rule(choices=("fp32", "bf16"), doc="CPU scoring precision (CUDA always autocasts fp16)")
     min_listeners_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
     incremental: bool = rule()
 

@@ -256,11 +256,11 @@ def task_cores(default: int = 1) -> int:
         return default
 
 
-def worker_artifact(model_key: str, files_broadcast, device: str):
+def worker_artifact(model_key: str, files_broadcast, device: str, precision: str = "fp32"):
     """The model, loaded once per Python worker and device (later tasks reuse it).
     ``model_key`` is the model id plus its weights' checksum: a model folder rewritten
     under the same id is never served from a stale cache."""
-    key = (model_key, device)
+    key = (model_key, device, precision)
     with _WORKER_LOCK:
         if key not in _WORKER_MODELS:
             from .model import load_artifact
@@ -270,18 +270,19 @@ def worker_artifact(model_key: str, files_broadcast, device: str):
                     with open(os.path.join(tmp, name), "wb") as fh:
                         fh.write(data)
                 _WORKER_MODELS.clear()   # one model per worker: a new id evicts the old
-                _WORKER_MODELS[key] = load_artifact(tmp, device=device)
+                _WORKER_MODELS[key] = load_artifact(tmp, device=device, precision=precision)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return _WORKER_MODELS[key]
 
 
-def _scorer(model_key: str, files_broadcast, scoring: str, window_seconds: float, batch_size: int):
+def _scorer(model_key: str, files_broadcast, scoring: str, window_seconds: float, batch_size: int,
+            precision: str = "fp32"):
     def score_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
         cores = task_cores()
         torch.set_num_threads(cores)   # the task's cores, or executors oversubscribe
-        artifact = worker_artifact(model_key, files_broadcast, task_device())
+        artifact = worker_artifact(model_key, files_broadcast, task_device(), precision)
         for batch in batches:
             if len(batch):
                 yield score_mel_batch(batch, artifact, scoring, window_seconds, batch_size)
@@ -306,7 +307,7 @@ def predict_vectors(spark, mels_df, artifact_path: str, cfg: Config):
         mels_df = mels_df.withColumn("fingerprint", F.lit(None).cast("string"))
     files_broadcast = spark.sparkContext.broadcast(files)
     score = _scorer(model_key, files_broadcast, cfg.infer.scoring, cfg.infer.window_seconds,
-                    cfg.infer.batch_size)
+                    cfg.infer.batch_size, cfg.infer.precision)
     return mels_df.select(*MEL_INPUT_COLUMNS).mapInPandas(score, from_arrow_schema(SCORED_SCHEMA))
 
 

@@ -230,6 +230,7 @@ class Artifact:
     device: torch.device
     mel_mean: torch.Tensor
     mel_std: torch.Tensor
+    cpu_bf16: bool = False      # bfloat16 autocast on a CPU with native bf16 (infer.precision)
 
     @property
     def out_dim(self) -> int:
@@ -240,14 +241,26 @@ class Artifact:
         x = torch.as_tensor(np.ascontiguousarray(mels, dtype=np.float32)).to(self.device)
         if x.ndim != 3 or x.shape[1] != self.model.n_mels:
             raise ValueError(f"expected mels [B, {self.model.n_mels}, T], got {tuple(x.shape)}")
-        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.float16,
-                                                    enabled=self.device.type == "cuda"):
+        reduced = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=reduced,
+                                                    enabled=self.device.type == "cuda" or self.cpu_bf16):
             out = self.model.embed(normalise(x, self.mel_mean, self.mel_std))
         return out.float().cpu().numpy()
 
 
-def load_artifact(path_or_dir: str, device: str | torch.device = "cpu") -> Artifact:
-    """Load ``<model dir>`` (or its ``model.pt``/``meta.json``); refuse anything inconsistent."""
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: where bfloat16 convolutions run about twice as fast as float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load_artifact(path_or_dir: str, device: str | torch.device = "cpu", precision: str = "fp32") -> Artifact:
+    """Load ``<model dir>`` (or its ``model.pt``/``meta.json``); refuse anything inconsistent.
+
+    ``precision="bf16"`` scores with bfloat16 autocast on a CPU with native bf16 (vectors
+    within ~0.5 % of float32); elsewhere it falls back to float32."""
     folder = path_or_dir.rstrip("/")
     if folder.endswith(WEIGHTS_FILE) or folder.endswith(META_FILE):
         folder = posixpath.dirname(folder)
@@ -283,4 +296,5 @@ def load_artifact(path_or_dir: str, device: str | torch.device = "cpu") -> Artif
         raise ModelArtifactError(f"model metadata {meta_path}: mel_mean/mel_std must hold {n_mels} values")
     model.to(dev).eval()
     return Artifact(model=model, meta=meta, model_id=str(meta.get("model_id", posixpath.basename(folder))),
-                    device=dev, mel_mean=mean.to(dev), mel_std=std.to(dev))
+                    device=dev, mel_mean=mean.to(dev), mel_std=std.to(dev),
+                    cpu_bf16=precision == "bf16" and dev.type == "cpu" and cpu_has_native_bf16())
