@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_config
-from deepcuts.model import (Artifact, FactorCNN, ModelArtifactError, decode_mel, frames_for_seconds,
+from deepcuts.audio import mel_from_bytes
+from deepcuts.model import (Artifact, FactorCNN, ModelArtifactError, frames_for_seconds,
                             latest_model_id, load_artifact, min_frames, model_dir, save_artifact)
 from deepcuts.warehouse import Warehouse
 
@@ -48,10 +49,10 @@ def test_labels_model_embeds_the_penultimate_layer(tmp_path):
 
 def test_decode_mel_round_trip_and_bad_length():
     mel = (np.arange(12, dtype=np.float32).reshape(3, 4) - 60).astype(np.float16)
-    out = decode_mel(mel.tobytes(), 3, 4)
+    out = mel_from_bytes(mel.tobytes(), 3, 4)
     assert out.dtype == np.float32 and out.shape == (3, 4) and np.array_equal(out, mel.astype(np.float32))
     with pytest.raises(ValueError, match="expected 24"):
-        decode_mel(mel.tobytes()[:-2], 3, 4)
+        mel_from_bytes(mel.tobytes()[:-2], 3, 4)
 
 
 def test_artifact_round_trip_normalises_and_publishes_latest(tmp_path):

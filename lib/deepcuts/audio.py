@@ -240,8 +240,17 @@ def mel_to_bytes(mel: np.ndarray) -> bytes:
     return np.ascontiguousarray(mel, dtype=np.float16).tobytes()
 
 
+def mel_view(data: bytes, n_mels: int, n_frames: int) -> np.ndarray:
+    """A stored mel as a read-only float16 [n_mels, n_frames] view (crop before converting)."""
+    expected = 2 * n_mels * n_frames
+    if len(data) != expected:
+        raise ValueError(f"mel has {len(data)} bytes, expected {expected} for {n_mels}x{n_frames} float16")
+    return np.frombuffer(data, dtype=np.float16).reshape(n_mels, n_frames)
+
+
 def mel_from_bytes(data: bytes, n_mels: int, n_frames: int) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.float16).reshape(n_mels, n_frames).astype(np.float32)
+    """A stored mel as float32 [n_mels, n_frames]."""
+    return mel_view(data, n_mels, n_frames).astype(np.float32)
 
 
 def fingerprint(data: bytes) -> str:

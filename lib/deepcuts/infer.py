@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .audio import mel_from_bytes
 from .config import Config
 from .tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
@@ -88,8 +89,8 @@ def _reject(row, model_id: str, reason: str, detail: str) -> dict:
             "model_id": model_id, "reason": reason, "detail": detail[:500]}
 
 
-def _decode_rows(batch: pd.DataFrame, n_mels: int, shortest: int, model_id: str,
-                 decode_mel) -> tuple[list, list[np.ndarray], list[dict]]:
+def _decode_rows(batch: pd.DataFrame, n_mels: int, shortest: int,
+                 model_id: str) -> tuple[list, list[np.ndarray], list[dict]]:
     """Validate and decode each row; bad rows become rejects, never exceptions."""
     rows, mels, rejects = [], [], []
     for row in batch.itertuples(index=False):
@@ -108,7 +109,7 @@ def _decode_rows(batch: pd.DataFrame, n_mels: int, shortest: int, model_id: str,
             rejects.append(_reject(row, model_id, TOO_SHORT,
                                    f"{row.n_frames} frames < the model's {shortest}"))
             continue
-        mel = decode_mel(mel_bytes, int(row.n_mels), int(row.n_frames))
+        mel = mel_from_bytes(mel_bytes, int(row.n_mels), int(row.n_frames))
         if not np.isfinite(mel).all():
             bad = int((~np.isfinite(mel)).sum())
             rejects.append(_reject(row, model_id, NON_FINITE_MEL, f"{bad} non-finite values"))
@@ -167,11 +168,9 @@ def score_mel_batch(batch: pd.DataFrame, artifact, scoring: str, window_seconds:
     ``window_seconds`` windows covering the excerpt.  Returns SCORED_SCHEMA rows, one
     per input row: a vector, or a reason code and detail.
     """
-    from .model import decode_mel
     model_id = artifact.model_id
     shortest = artifact.model.min_frames
-    rows, mels, out = _decode_rows(batch, int(artifact.meta["n_mels"]), shortest, model_id,
-                                   decode_mel)
+    rows, mels, out = _decode_rows(batch, int(artifact.meta["n_mels"]), shortest, model_id)
     if scoring == "whole":
         inputs, owner = mels, list(range(len(mels)))
     elif scoring == "windows":
@@ -381,10 +380,10 @@ def superseded_files(wh, existing, current_keys, model_id: str) -> list[str]:
     """Data files of predicted_factors holding a row that no longer holds: its track left
     ``mels``, its mel changed (fingerprint) or another model made it."""
     from pyspark.sql import functions as F
+    from .sparkio import files_holding
     stale = existing.join(current_keys, ["track_id", "fingerprint"], "left_anti") \
         .unionByName(existing.filter(F.col("model_id") != model_id))
-    return sorted({wh.rel(PREDICTED_FACTORS.name, r["_file"])
-                   for r in stale.select("_file").distinct().collect()})
+    return files_holding(wh, PREDICTED_FACTORS, stale)
 
 
 def median_als_norm(track_factors) -> float | None:

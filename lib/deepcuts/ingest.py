@@ -20,7 +20,7 @@ import pyarrow as pa
 from . import audio, catalogue
 from .audio import MelParams, RejectedAudio
 from .config import Config, ConfigError
-from .sparkio import read_table, warehouse, write_table
+from .sparkio import files_holding, read_table, warehouse, write_table
 from .tables import INGEST_REJECTS, MELS
 
 log = logging.getLogger(__name__)
@@ -229,15 +229,16 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     if cfg.ingest.on_missing == "drop":
         superseded = superseded.unionByName(missing.select("track_id"))
     superseded = superseded.join(plan.select("track_id", "_file"), "track_id")
-    affected = sorted(r["_file"] for r in superseded.select("_file").distinct().collect())
+    affected = files_holding(wh, MELS, superseded)
     mels_summary = "unchanged"
     if n_ok or affected:
         ok_rows = decoded.filter(F.col("reason").isNull())
         out = ok_rows.drop("reason", "detail")
         if affected:
-            kept = spark.read.parquet(*affected).join(superseded.select("track_id"), "track_id", "left_anti")
+            kept = (spark.read.parquet(*[wh.uri(MELS.name, f) for f in affected])
+                    .join(superseded.select("track_id"), "track_id", "left_anti"))
             out = out.unionByName(kept.select(*out.columns))
-        snap = write_table(out, wh, MELS, run_id, replace=False, removed=[wh.rel(MELS.name, f) for f in affected],
+        snap = write_table(out, wh, MELS, run_id, replace=False, removed=affected,
                            rows_per_file=cfg.ingest.rows_per_file, row_group_rows=cfg.ingest.rows_per_row_group,
                            row_bytes=mel_bytes_estimate(cfg),
                            expected_version=mels_version,

@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .audio import mel_view
+
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = ["track_id", "mel", "n_mels", "n_frames", "target"]
@@ -51,7 +53,7 @@ def decode_crops(track_ids: Sequence[str], mels: Sequence[bytes], n_mels: Sequen
             raise ValueError(f"track {track_id}: mel of {len(mel)} bytes does not hold {bands}x{frames} "
                              f"float16 frames covering a {crop_frames}-frame crop")
         start = crop_offset(track_id, frames, crop_frames, seed, epoch)
-        full = np.frombuffer(mel, dtype=np.float16).reshape(bands, frames)
+        full = mel_view(mel, bands, frames)
         out.append(np.ascontiguousarray(full[:, start:start + crop_frames], dtype=np.float32))
     return out
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .warehouse import read_bytes, write_bytes_atomic
 
 MODELS_DIR = "models"
 LATEST = "LATEST"
@@ -43,14 +43,6 @@ class ModelArtifactError(RuntimeError):
 
 
 # --- mels ---------------------------------------------------------------------------------
-def decode_mel(mel_bytes: bytes, n_mels: int, n_frames: int) -> np.ndarray:
-    """A stored mel (float16 row-major bytes) as float32 [n_mels, n_frames]."""
-    expected = 2 * n_mels * n_frames
-    if len(mel_bytes) != expected:
-        raise ValueError(f"mel has {len(mel_bytes)} bytes, expected {expected} for {n_mels}x{n_frames} float16")
-    return np.frombuffer(mel_bytes, dtype=np.float16).reshape(n_mels, n_frames).astype(np.float32)
-
-
 def frames_for_seconds(seconds: float, sample_rate: int, hop_length: int) -> int:
     """Mel frames covering ``seconds`` of audio (librosa's centred frames: 1 + samples // hop)."""
     return 1 + int(round(seconds * sample_rate)) // hop_length
@@ -150,39 +142,6 @@ def _models_path(wh, *parts: str) -> str:
 def model_dir(wh, model_id: str) -> str:
     """``<root>/models/<model_id>`` (a filesystem path, or ``s3://...`` on S3)."""
     return _models_path(wh, model_id)
-
-
-def _fs_and_path(path: str):
-    import pyarrow.fs as pafs
-    if path.startswith("s3://"):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Local: temp file + fsync + rename; S3: one PUT (atomic).  Readers never see half a file."""
-    fs, inner = _fs_and_path(path)
-    if path.startswith("s3://"):
-        with fs.open_output_stream(inner) as fh:
-            fh.write(data)
-        return
-    os.makedirs(os.path.dirname(inner), exist_ok=True)
-    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, inner)
-
-
-def read_bytes(path: str) -> bytes | None:
-    """The file's bytes, or None when it does not exist."""
-    import pyarrow.fs as pafs
-    fs, inner = _fs_and_path(path)
-    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(inner) as fh:
-        return fh.read()
 
 
 def latest_model_id(wh) -> str | None:

@@ -86,6 +86,13 @@ def read_table(spark, wh: Warehouse, table: Table, with_file: bool = False):
     return df
 
 
+def files_holding(wh: Warehouse, table: Table, rows_with_file) -> list[str]:
+    """Table-relative data files holding any of ``rows_with_file`` (read with ``with_file``):
+    what an incremental run rewrites to drop superseded rows.  One row per file reaches
+    the driver, never the rows themselves."""
+    return sorted({wh.rel(table.name, r["_file"]) for r in rows_with_file.select("_file").distinct().collect()})
+
+
 def conform(df, table: Table):
     """Select ``table``'s columns, in order, cast to its types; fail on a missing column."""
     from pyspark.sql import functions as F

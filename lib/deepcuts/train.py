@@ -32,9 +32,9 @@ from torch import nn
 
 from .config import Config, TrainConf, to_dict
 from .loader import EpochReader, ShortEpochError, band_statistics
-from .model import (FactorCNN, normalise, read_bytes, resolve_device, save_artifact,
-                    write_bytes_atomic)
+from .model import FactorCNN, normalise, resolve_device, save_artifact
 from .sparkio import read_table, warehouse, write_table
+from .warehouse import filesystem_for, read_bytes, write_bytes_atomic
 from .tables import EVAL_HOLDOUT, FACTOR_METRICS, MELS, TRAIN_METRICS, USER_FACTORS
 from .trainset import TrainingSet, build_training_set
 
@@ -131,8 +131,7 @@ def save_checkpoint(folder: str, epoch: int, state: dict) -> str:
 
 def _drop_old_checkpoints(folder: str, epoch: int) -> None:
     import pyarrow.fs as pafs
-    from .model import _fs_and_path
-    fs, inner = _fs_and_path(folder)
+    fs, inner = filesystem_for(folder)
     for old in range(max(0, epoch - 50), epoch - CHECKPOINTS_KEPT + 1):
         path = posixpath.join(inner, f"epoch-{old:04d}.pt")
         if fs.get_file_info(path).type == pafs.FileType.File:

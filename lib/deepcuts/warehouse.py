@@ -37,6 +37,51 @@ DATA = "data"
 VACUUM_GRACE_S = 6 * 3600
 
 
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an ``s3://`` URI."""
+    if path.startswith("s3://"):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Readers never see half a file: locally temp file + fsync + rename; on S3 one PUT."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_from(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A file's bytes, or None when it does not exist."""
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # pyarrow's S3 reports a missing key as OSError
+        if "does not exist" in str(exc) or "NoSuchKey" in str(exc):
+            return None
+        raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """:func:`write_atomic` for a local path or an ``s3://`` URI."""
+    write_atomic(*filesystem_for(path), data)
+
+
+def read_bytes(path: str) -> bytes | None:
+    """:func:`read_from` for a local path or an ``s3://`` URI."""
+    return read_from(*filesystem_for(path))
+
+
 class CommitConflict(RuntimeError):
     """Another writer committed the table between this run's read and its commit."""
 
@@ -112,28 +157,8 @@ class Warehouse:
 
     # --- reading -----------------------------------------------------------------------
     def _read_text(self, path: str) -> str | None:
-        try:
-            with self.fs.open_input_stream(path) as fh:
-                return fh.read().decode()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # pyarrow's S3 reports a missing key as OSError
-            if "does not exist" in str(exc) or "NoSuchKey" in str(exc):
-                return None
-            raise
-
-    def _write_text_atomic(self, path: str, text: str) -> None:
-        if self.is_local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        else:
-            with self.fs.open_output_stream(path) as fh:  # one PUT: atomic on S3
-                fh.write(text.encode())
+        data = read_from(self.fs, path)
+        return None if data is None else data.decode()
 
     def snapshot(self, table: str) -> Snapshot | None:
         name = self._read_text(self._path(table, CURRENT))
@@ -181,8 +206,13 @@ class Warehouse:
         unknown = removed - set(parent.files if parent else ())
         if unknown:
             raise ValueError(f"table {table}: cannot remove files it does not hold: {sorted(unknown)[:3]}")
-        files = tuple(kept + [f for f in added if f not in set(kept)])
-        rows = sum(self._rows(table, f) for f in files)
+        kept_set = set(kept)
+        new_files = [f for f in added if f not in kept_set]
+        files = tuple(kept + new_files)
+        # Footers of the changed files only: the kept ones are counted in the parent's rows.
+        rows = sum(self._rows(table, f) for f in new_files)
+        if kept:
+            rows += parent.rows - sum(self._rows(table, f) for f in removed)
         snap = Snapshot(table, parent_version + 1, run_id, files, rows,
                         datetime.now(timezone.utc).isoformat(timespec="seconds"), summary or {})
         snap_name = f"v{snap.version:08d}.json"
@@ -190,8 +220,8 @@ class Warehouse:
         if self.fs.get_file_info(snap_path).type != pafs.FileType.NotFound:
             raise CommitConflict(f"table {table}: snapshot {snap_name} already exists")
         self.fs.create_dir(self._path(table, SNAPSHOTS), recursive=True)
-        self._write_text_atomic(snap_path, snap.to_json())
-        self._write_text_atomic(self._path(table, CURRENT), snap_name)
+        write_atomic(self.fs, snap_path, snap.to_json().encode())
+        write_atomic(self.fs, self._path(table, CURRENT), snap_name.encode())
         log.info("committed %s v%d: %d files, %d rows (run %s)", table, snap.version, len(files),
                  rows, run_id)
         self.vacuum(table)
