@@ -55,17 +55,6 @@ def mel_row(track_id: str, n_frames: int, seed: int, n_mels: int = N_MELS, finge
 # --------------------------------------------------------------------------------------
 # Pure per-batch scoring
 # --------------------------------------------------------------------------------------
-def test_window_starts_cover_every_frame_without_padding():
-    assert infer.window_starts(100, 130) == [0]
-    assert infer.window_starts(130, 130) == [0]
-    starts = infer.window_starts(1292, 130)
-    assert len(starts) == 10 and starts[0] == 0 and starts[-1] == 1292 - 130
-    covered = np.zeros(1292, bool)
-    for s in starts:
-        covered[s:s + 130] = True
-    assert covered.all()
-
-
 def test_score_batch_matches_embed_and_rejects_bad_rows_only(tmp_path):
     cfg = small_cfg(tmp_path)
     artifact = load_artifact(make_artifact(cfg, "m1", seed=1))
@@ -92,6 +81,7 @@ def test_score_batch_matches_embed_and_rejects_bad_rows_only(tmp_path):
 
 
 def test_windows_scoring_is_the_mean_over_windows(tmp_path):
+    from deepcuts.model import window_starts
     cfg = small_cfg(tmp_path)
     artifact = load_artifact(make_artifact(cfg, "m1", seed=1))
     row = mel_row("long", 700, 9)
@@ -99,7 +89,8 @@ def test_windows_scoring_is_the_mean_over_windows(tmp_path):
                                 3.0, batch_size=4)
     mel = np.frombuffer(row["mel"], np.float16).reshape(N_MELS, -1).astype(np.float32)
     window = int(round(3.0 * 22050 / 512))
-    parts = [artifact.embed(mel[None, :, s:s + window])[0] for s in infer.window_starts(700, window)]
+    starts = window_starts(700, window, artifact.time_stride)
+    parts = [artifact.embed(mel[None, :, s:s + window])[0] for s in starts]
     assert len(parts) == 6
     np.testing.assert_allclose(out["factors"][0], np.mean(parts, axis=0), rtol=1e-5, atol=1e-6)
     whole = infer.score_mel_batch(pd.DataFrame([row])[infer.MEL_INPUT_COLUMNS], artifact, "whole",
@@ -115,10 +106,10 @@ def test_a_row_that_breaks_the_model_is_rejected_alone(tmp_path):
         """Wraps the artifact; raises whenever the poisoned mel is in the batch."""
         model, meta, model_id = artifact.model, artifact.meta, artifact.model_id
 
-        def embed(self, mels):
+        def embed(self, mels, window=None):
             if (mels[:, 0, 0] > 1000).any():
                 raise RuntimeError("poisoned input")
-            return artifact.embed(mels)
+            return artifact.embed(mels, window)
 
     rows = [mel_row(t, 345, i) for i, t in enumerate("abcd")]
     poisoned = np.frombuffer(rows[2]["mel"], np.float16).reshape(N_MELS, -1).copy()
@@ -202,21 +193,86 @@ def serving(cfg) -> pd.DataFrame:
     return read_pandas(warehouse(cfg), SERVING_FACTORS.name).set_index("track_id")
 
 
+def write_mel_files(cfg, rows: list[dict], run_id: str, rows_per_file: int, row_group_rows: int) -> None:
+    """Commit ``rows`` as mels files with exactly these row-group and file sizes."""
+    import os
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    wh = warehouse(cfg)
+    folder = wh.local_path(MELS.name, "data", run_id)
+    os.makedirs(folder)
+    for n, start in enumerate(range(0, len(rows), rows_per_file)):
+        table = pa.Table.from_pylist(rows[start:start + rows_per_file], schema=MELS.schema)
+        pq.write_table(table, os.path.join(folder, f"part-{n:05d}.parquet"), row_group_size=row_group_rows)
+    wh.commit(MELS.name, run_id, wh.list_data_files(MELS.name, run_id))
+
+
 @pytest.mark.spark
-def test_spark_scoring_equals_plain_python(spark, tmp_path):
-    cfg = small_cfg(tmp_path, spark__shuffle_partitions=2)
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_spark_scoring_reads_the_stored_rows_and_equals_plain_python(spark, tmp_path, precision):
+    """Units of 4 rows over files of 7 rows in row groups of 3: units straddle row groups
+    and files; only the requested rows are scored, each once, as a plain Python call does."""
+    import pyarrow.parquet as pq
+    cfg = small_cfg(tmp_path / precision, ingest__rows_per_row_group=4, infer__precision=precision)
     folder = make_artifact(cfg, "m1", seed=3)
-    rows = [mel_row(f"x{i}", 345 if i % 2 else 300, i) for i in range(10)] + [mel_row("bad", 345, 99, corrupt="nan")]
-    write_mels(spark, cfg, rows, "ingest-1")
-    from deepcuts.sparkio import read_table
-    mels = read_table(spark, warehouse(cfg), MELS).repartition(3)
-    got = infer.predict_vectors(spark, mels, folder, cfg).toPandas().set_index("track_id")
-    local = infer.score_locally(pd.DataFrame(rows), load_artifact(folder), cfg).set_index("track_id")
-    assert sorted(got.index) == sorted(local.index) == sorted(r["track_id"] for r in rows)
+    rows = [mel_row(f"x{i:02d}", 345 if i % 2 else 300, i) for i in range(20)] \
+        + [mel_row("bad", 345, 99, corrupt="nan")]
+    write_mel_files(cfg, rows, "ingest-1", rows_per_file=7, row_group_rows=3)
+    wh = warehouse(cfg)
+    assert len(wh.files(MELS.name)) == 3
+    assert pq.ParquetFile(wh.files(MELS.name, local=True)[0]).metadata.num_row_groups == 3
+
+    locations = infer.mel_locations(spark, wh)
+    assert sorted(locations.columns) == ["fingerprint", "mel_file", "mel_row", "track_id"]
+    wanted = locations.where("track_id not in ('x00', 'x03', 'x08', 'x13', 'x14')")
+    got = infer.predict_vectors(spark, wanted, folder, cfg).toPandas()
+    assert not got["track_id"].duplicated().any()
+    got = got.set_index("track_id")
+    expected_ids = {r["track_id"] for r in rows} - {"x00", "x03", "x08", "x13", "x14"}
+    assert set(got.index) == expected_ids
     assert got.loc["bad", "reason"] == infer.NON_FINITE_MEL and got.loc["bad", "factors"] is None
-    for tid in local.index.drop("bad"):
-        np.testing.assert_allclose(np.asarray(got.loc[tid, "factors"]), local.loc[tid, "factors"],
-                                   rtol=1e-5, atol=1e-6)
+    local = infer.score_locally(pd.DataFrame(rows), load_artifact(folder, precision=precision), cfg) \
+        .set_index("track_id")
+    for r in rows:
+        tid = r["track_id"]
+        if tid in expected_ids and tid != "bad":
+            assert got.loc[tid, "fingerprint"] == r["fingerprint"] and got.loc[tid, "reason"] is None
+            np.testing.assert_allclose(np.asarray(got.loc[tid, "factors"]), local.loc[tid, "factors"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_reading_stored_rows_checks_what_it_reads(tmp_path):
+    cfg = small_cfg(tmp_path)
+    artifact = load_artifact(make_artifact(cfg, "m1", seed=3))
+    rows = [mel_row(f"y{i}", 300, i) for i in range(5)]
+    write_mel_files(cfg, rows, "ingest-1", rows_per_file=5, row_group_rows=2)
+    path = warehouse(cfg).files(MELS.name)[0]              # a Spark-style file: URI
+    tables = list(infer.read_mel_rows(path, [4, 1, 0]))
+    assert [t.column("track_id").to_pylist() for t in tables] == [["y0", "y1"], ["y4"]]
+    out = pd.concat(infer.score_stored_mels(path, [1, 4], ["y1", "y4"], artifact, "whole", 3.0, 8))
+    assert out["track_id"].tolist() == ["y1", "y4"] and out["reason"].isna().all()
+    with pytest.raises(RuntimeError, match="expected"):
+        list(infer.score_stored_mels(path, [1, 4], ["y1", "y3"], artifact, "whole", 3.0, 8))
+    with pytest.raises(RuntimeError, match="past its end"):
+        list(infer.score_stored_mels(path, [4, 9], ["y4", "y9"], artifact, "whole", 3.0, 8))
+
+
+def test_workers_load_only_the_weights_the_driver_planned(tmp_path):
+    from deepcuts.model import ModelArtifactError
+    cfg = small_cfg(tmp_path)
+    folder = make_artifact(cfg, "m1", seed=3)
+    key = infer.model_key(folder)
+    assert key.startswith("m1@") and len(key) == len("m1@") + 64
+    artifact = infer.worker_artifact(key, folder, "cpu", "fp32")
+    assert infer.worker_artifact(key, folder, "cpu", "fp32") is artifact      # cached per worker
+    make_artifact(cfg, "m1", seed=4)                 # the folder rewritten under the same id
+    assert infer.model_key(folder) != key
+    assert infer.worker_artifact(key, folder, "cpu", "fp32") is artifact      # still the planned weights
+    infer._WORKER_MODELS.clear()                     # a fresh worker of the same run
+    with pytest.raises(ModelArtifactError, match="changed during the run"):
+        infer.worker_artifact(key, folder, "cpu", "fp32")
+    with pytest.raises(ModelArtifactError, match="meta.json"):
+        infer.model_key(str(tmp_path / "no-such-model"))
 
 
 @pytest.mark.spark

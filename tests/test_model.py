@@ -107,18 +107,66 @@ def test_damaged_artifacts_are_refused_by_name(tmp_path):
     assert meta["weights_sha256"] and meta["model_id"] == "cnn-c"
 
 
-def test_bf16_precision_scores_within_two_percent_of_fp32(tmp_path):
-    """infer.precision = "bf16" autocasts on CPUs with native bf16, and only there."""
-    from deepcuts.model import cpu_has_native_bf16
+def test_reduced_precision_scores_within_two_percent_of_fp32(tmp_path):
+    """infer.precision: "auto"/"bf16" score in bfloat16 on CPUs with native bf16, and only there."""
+    from deepcuts.model import compute_dtype, cpu_has_native_bf16
+    cpu = torch.device("cpu")
+    native = cpu_has_native_bf16()
+    assert compute_dtype("fp32", cpu) == torch.float32
+    for precision in ("auto", "bf16"):
+        assert compute_dtype(precision, cpu) == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        compute_dtype("fp8", cpu)
     cfg = make_config(tmp_path, **SMALL)
     wh = Warehouse(str(tmp_path / "wh"))
     torch.manual_seed(0)
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
     mean, std = np.zeros(16, np.float32), np.ones(16, np.float32)
     folder = save_artifact(wh, "cnn-b", model, _meta(cfg, model, mean, std))
-    full, reduced = load_artifact(folder), load_artifact(folder, precision="bf16")
-    assert not full.cpu_bf16 and reduced.cpu_bf16 == cpu_has_native_bf16()
+    full, reduced = load_artifact(folder), load_artifact(folder, precision="auto")
+    assert full.dtype == torch.float32 and reduced.dtype == compute_dtype("auto", cpu)
     mels = np.random.default_rng(2).normal(0, 1, (3, 16, 120)).astype(np.float32)
     a, b = full.embed(mels), reduced.embed(mels)
     assert b.dtype == np.float32
     assert float(np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1))) < 0.02
+    # The float16 weights of a CUDA "auto" run, exercised here on the CPU.
+    half = Artifact(model, full.meta, "cnn-b", cpu, full.mel_mean, full.mel_std, dtype=torch.float16)
+    assert float(np.max(np.linalg.norm(a - half.embed(mels), axis=1) / np.linalg.norm(a, axis=1))) < 0.02
+
+
+def test_window_starts_are_aligned_spread_and_cover_the_excerpt():
+    from deepcuts.model import window_starts
+    assert window_starts(100, 130, 16) == [0] and window_starts(130, 130, 16) == [0]
+    starts = window_starts(1292, 130, 16)
+    assert len(starts) == 10 and starts[0] == 0 and all(s % 16 == 0 for s in starts)
+    assert starts == sorted(set(starts)) and 1292 - 16 < starts[-1] + 130 <= 1292
+    covered = np.zeros(1292, bool)
+    for s in starts:
+        covered[s:s + 130] = True
+    assert covered[:1292 - 15].all()          # at most stride-1 tail frames, as a whole pass
+    assert window_starts(1292, 130) == [int(round(s)) for s in np.linspace(0, 1162, 10)]
+
+
+@pytest.mark.parametrize("target", ["factors", "labels"])
+def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, target):
+    """Artifact.embed(mels, window) == the mean of embedding each window alone (fp32)."""
+    from deepcuts.model import window_starts
+    cfg = make_config(tmp_path, train__conv_channels=[8, 8, 8], train__pool_sizes=[4, 2, 2],
+                      train__dense_units=16, train__target=target)
+    torch.manual_seed(3)
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=5).eval()
+    wh = Warehouse(str(tmp_path / "wh"))
+    mean, std = np.full(16, -30, np.float32), np.full(16, 8, np.float32)
+    artifact = load_artifact(save_artifact(wh, "cnn-w", model, _meta(cfg, model, mean, std)))
+    assert artifact.time_stride == 16
+    mels = np.random.default_rng(4).normal(-30, 8, (3, 16, 701)).astype(np.float16)
+    window = 130
+    starts = window_starts(701, window, artifact.time_stride)
+    alone = np.mean([artifact.embed(mels[:, :, s:s + window]) for s in starts], axis=0)
+    shared = artifact.embed(mels, window)
+    assert shared.shape == (3, model.embed_dim)
+    np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        direct = model.embed((torch.from_numpy(mels.astype(np.float32)) + 30) / 8).numpy()
+    np.testing.assert_allclose(artifact.embed(mels), direct, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(shared, artifact.embed(mels), atol=1e-4)

@@ -64,3 +64,12 @@ def test_duckdb_views_query_the_committed_version(tmp_path):
     con = duckdb.connect()
     assert duckdb_views(con, wh) == ["user_index"]
     assert con.execute("select count(*) from user_index").fetchone()[0] == 2
+
+
+def test_spark_file_uris_map_back_to_paths():
+    from deepcuts.warehouse import path_from_uri
+    # Spark's _metadata.file_path percent-encodes a local path.
+    assert path_from_uri("file:/tmp/a%20b%25c/x%20y.parquet") == "/tmp/a b%c/x y.parquet"
+    assert path_from_uri("file:///tmp/wh/t.parquet") == "/tmp/wh/t.parquet"
+    assert path_from_uri("s3a://bucket/wh/mels/data/r/part-0.parquet") == "s3://bucket/wh/mels/data/r/part-0.parquet"
+    assert path_from_uri("s3://bucket/k") == "s3://bucket/k" and path_from_uri("/plain/path") == "/plain/path"

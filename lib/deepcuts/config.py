@@ -143,7 +143,8 @@ class InferConf:
     scoring: str = rule(choices=("whole", "windows"))
     window_seconds: float = rule(min=0.5)
     batch_size: int = rule(min=1)
-    precision: str = rule(choices=("fp32", "bf16"), doc="CPU scoring precision (CUDA always autocasts fp16)")
+    precision: str = rule(choices=("auto", "fp32", "bf16"),
+                          doc="scoring precision: auto = bf16 on CPUs with native bf16, fp16 on CUDA")
     min_listeners_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
     incremental: bool = rule()
 

@@ -191,6 +191,8 @@ def evaluate_ranking(spark, user_vectors_df, positives_df, candidate_vectors_df,
         scored = scored.withColumn("excluded", F.lit(None).cast("array<string>"))
 
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from .sparkio import python_worker_setup
+        python_worker_setup()
         ids, mat = shared.value
         index = pd.Index(ids)
         ctx = TaskContext.get()

@@ -20,7 +20,7 @@ import pyarrow as pa
 from . import audio, catalogue
 from .audio import MelParams, RejectedAudio
 from .config import Config, ConfigError
-from .sparkio import files_holding, read_table, warehouse, write_table
+from .sparkio import files_holding, python_worker_setup, read_table, warehouse, write_table
 from .tables import INGEST_REJECTS, MELS
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
 
     ``cpu_seconds``/``excerpt_seconds`` (Spark accumulators) let the job report its
     decode speed as a real-time factor per core."""
+    python_worker_setup()
     columns = DECODED_SCHEMA.names
     for batch in batches:
         started = time.process_time()

@@ -35,7 +35,7 @@ from .loader import EpochReader, ShortEpochError, band_statistics
 from .model import FactorCNN, normalise, resolve_device, save_artifact
 from .sparkio import read_table, warehouse, write_table
 from .warehouse import filesystem_for, read_bytes, write_bytes_atomic
-from .tables import EVAL_HOLDOUT, FACTOR_METRICS, MELS, TRAIN_METRICS, USER_FACTORS
+from .tables import EVAL_HOLDOUT, FACTOR_METRICS, TRAIN_METRICS, USER_FACTORS
 from .trainset import TrainingSet, build_training_set
 
 log = logging.getLogger(__name__)
@@ -365,14 +365,14 @@ def evaluate_cold_start_cnn(spark, cfg: Config, wh, artifact_dir: str, run_id: s
     """The CNN on the cold-start tracks (factors issue's protocol), beside random and upper bound."""
     from pyspark.sql import functions as F
     from .evaluation import evaluate_cold_start
-    from .infer import predict_vectors
+    from .infer import mel_locations, predict_vectors
     if not wh.exists(EVAL_HOLDOUT.name):
         return None
     holdout = read_table(spark, wh, EVAL_HOLDOUT).where(F.col("split") == "cold")
     cold_tracks = holdout.select("track_id").distinct()
     if cold_tracks.limit(1).count() == 0:
         return None
-    cold_mels = read_table(spark, wh, MELS).join(cold_tracks, "track_id", "left_semi")
+    cold_mels = mel_locations(spark, wh).join(cold_tracks, "track_id", "left_semi")
     vectors = (predict_vectors(spark, cold_mels, artifact_dir, cfg)
                .where(F.col("reason").isNull()).select("track_id", "factors"))
     users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")

@@ -44,6 +44,18 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def path_from_uri(uri: str) -> str:
+    """A path for ``filesystem_for`` from a URI as Spark reports it (``_metadata.file_path``,
+    ``input_file_name``): ``file:`` URIs are percent-decoded, ``s3a://`` becomes ``s3://``."""
+    from urllib.parse import unquote, urlparse
+    if uri.startswith("file:"):
+        return unquote(urlparse(uri).path)
+    for scheme in ("s3a://", "s3n://"):
+        if uri.startswith(scheme):
+            return "s3://" + uri[len(scheme):]
+    return uri
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Readers never see half a file: locally temp file + fsync + rename; on S3 one PUT."""
     if not isinstance(fs, pafs.LocalFileSystem):
