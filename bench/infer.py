@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -101,12 +102,20 @@ def main() -> int:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    root = tempfile.mkdtemp(prefix="deepcuts-bench-infer-")
+    try:
+        return bench(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)   # the synthetic mels are GBs
+
+
+def bench(args, root: str) -> int:
+    """Build the synthetic catalogue and model under ``root``, time the loop and Spark."""
     import torch
     from deepcuts.config import load_config
     from deepcuts.model import FactorCNN, frames_for_seconds, load_artifact, save_artifact
     from deepcuts.sparkio import get_session, warehouse
 
-    root = tempfile.mkdtemp(prefix="deepcuts-bench-infer-")
     overrides = {"warehouse.root": os.path.join(root, "warehouse"),
                  "spark.checkpoint_dir": os.path.join(root, "checkpoints")}
     if args.scoring:
