@@ -21,14 +21,15 @@ threads are set to the task's cores; CUDA is used when the task has a GPU.
 (deepcuts.model) the one function that turns mels into vectors, so Spark and plain-
 Python scoring agree.  ``infer.precision = "auto"`` scores in bfloat16 on CPUs with
 native bf16 (AMX, AVX512-BF16) and in float16 on CUDA: 2-2.5x float32 on this CPU, with
-vectors within 0.3 % of float32 and the same cold-start metrics to 3 decimals.
+vectors within 0.4 % of float32 and the same cold-start metrics to 3 decimals.
 
 Scoring a long excerpt: ``infer.scoring = "whole"`` (the default) is one pass over the
 stored excerpt (the model pools globally over time); ``"windows"`` averages the vectors of
 evenly spread ``window_seconds`` windows, the crop length the model was trained on.  On
-the default demo's cold-start protocol (84 cold tracks, 2,666 users) whole scored mAP@500
-0.2528 / AUC 0.7832 against windows' 0.2476 / 0.7829 (the same order in bfloat16).  The
-windows share one pass of the conv stack (``model.Scorer``), so both cost about the same.
+the default demo's cold-start protocol (84 cold tracks, 2,666 users; two trained models,
+``bench/infer_quality.py``) whole scored mAP@500 / AUC 0.2528 / 0.7832 and 0.2422 /
+0.7819, windows 0.2476 / 0.7829 and 0.2434 / 0.7799: whole is ahead on AUC both times.
+The windows share one pass of the conv stack (``model.Scorer``), so both cost about the same.
 
 Incremental mode rescores only tracks whose (fingerprint, model) has no committed
 prediction; only the data files holding superseded rows are rewritten.  A new model id
