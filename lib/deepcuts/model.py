@@ -18,6 +18,7 @@ refused with a ``ModelArtifactError`` that names the file, never half-loaded.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -64,12 +65,18 @@ def normalise(mels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 
 # --- the network --------------------------------------------------------------------------
+def pool_over_time(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean, max and L2-norm over ``dim``, concatenated along dim 1 (the channels), in
+    float32: the L2 norm of a long excerpt overflows float16."""
+    x = x.float()
+    return torch.cat([x.mean(dim=dim), x.amax(dim=dim), torch.linalg.vector_norm(x, dim=dim)], dim=1)
+
+
 class GlobalTemporalPooling(nn.Module):
     """Concatenate mean, max and L2-norm over time: [B, C, T] -> [B, 3C] (Dieleman 2014)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # the L2 norm of a long excerpt overflows float16 under autocast
-        return torch.cat([x.mean(dim=2), x.amax(dim=2), torch.linalg.vector_norm(x, dim=2)], dim=1)
+        return pool_over_time(x, dim=2)
 
 
 class FactorCNN(nn.Module):
@@ -268,16 +275,14 @@ class Scorer:
         """Normalised mels -> float32 track vectors: one pass, or the mean over windows."""
         feats = self.features(x)
         if window is None or x.shape[-1] <= window:
-            pooled = GlobalTemporalPooling()(feats)                           # [B, 3C]
+            pooled = pool_over_time(feats, dim=2)                             # [B, 3C]
             return self.head(pooled.to(self.dtype)).float()
         starts = window_starts(x.shape[-1], window, self.stride)
         width = self.out_frames(window)
         index = torch.tensor(starts, device=feats.device)[:, None] // self.stride \
             + torch.arange(width, device=feats.device)                        # [K, width]
         assert int(index.max()) < feats.shape[-1], "window past the excerpt's conv features"
-        windows = feats[:, :, index].float()                                  # [B, C, K, width]
-        pooled = torch.cat([windows.mean(dim=3), windows.amax(dim=3),
-                            torch.linalg.vector_norm(windows, dim=3)], dim=1)  # [B, 3C, K]
+        pooled = pool_over_time(feats[:, :, index], dim=3)                    # [B, C, K, width] -> [B, 3C, K]
         batch, n_windows = pooled.shape[0], pooled.shape[2]
         out = self.head(pooled.transpose(1, 2).reshape(batch * n_windows, -1).to(self.dtype))
         return out.float().reshape(batch, n_windows, -1).mean(dim=1)
@@ -293,8 +298,11 @@ class Artifact:
     mel_std: torch.Tensor
     dtype: torch.dtype = torch.float32     # scoring precision (see compute_dtype)
 
-    def __post_init__(self):
-        self.scorer = Scorer(self.model, self.dtype, self.device)
+    @functools.cached_property
+    def scorer(self) -> Scorer:
+        """Built on first use: a load that only checks the artifact (the infer driver)
+        never copies and casts the weights."""
+        return Scorer(self.model, self.dtype, self.device)
 
     @property
     def out_dim(self) -> int:
