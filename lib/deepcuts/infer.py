@@ -198,16 +198,20 @@ def score_mel_batch(batch: pd.DataFrame, artifact, scoring: str, window_seconds:
 # --------------------------------------------------------------------------------------
 # The model in the executors
 # --------------------------------------------------------------------------------------
+def pinned_key(meta: dict) -> str:
+    """``<model id>@<weights sha256>``: one model id and exactly its weights."""
+    return f"{meta['model_id']}@{meta['weights_sha256']}"
+
+
 def model_key(artifact_dir: str) -> str:
-    """``<model id>@<weights sha256>`` of a model folder, read on the driver: what the
-    executors must load, so a folder rewritten under the same id is never mixed in."""
+    """``pinned_key`` of a model folder, read on the driver: what the executors must load,
+    so a folder rewritten under the same id is never mixed in."""
     import json
     from .model import META_FILE, ModelArtifactError
     from .warehouse import read_bytes
     data = read_bytes(posixpath.join(artifact_dir, META_FILE))
     try:
-        meta = json.loads(data)
-        return f"{meta['model_id']}@{meta['weights_sha256']}"
+        return pinned_key(json.loads(data))
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelArtifactError(f"{artifact_dir}/{META_FILE} is missing or has no model_id and "
                                  f"weights checksum: {exc!r}") from exc
@@ -250,7 +254,7 @@ def worker_artifact(key: str, artifact_dir: str, device: str, precision: str):
     with _WORKER_LOCK:
         if cache_key not in _WORKER_MODELS:
             artifact = load_artifact(artifact_dir, device=device, precision=precision)
-            if f"{artifact.model_id}@{artifact.meta.get('weights_sha256')}" != key:
+            if pinned_key(artifact.meta) != key:
                 raise ModelArtifactError(f"model folder {artifact_dir} changed during the run: "
                                          f"the driver planned {key}")
             _WORKER_MODELS.clear()   # one model per worker: a new id evicts the old
@@ -448,8 +452,8 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     track_factors = read_table(spark, wh, TRACK_FACTORS)
     first = track_factors.select(F.size("factors").alias("rank")).first()
     check_model_fits_factors(meta, first["rank"] if first else None)
-    mels = mel_locations(spark, wh)
-    current_keys = mels.select("track_id", "fingerprint")
+    locations = mel_locations(spark, wh)
+    current_keys = locations.select("track_id", "fingerprint")
 
     # Incremental: score only mels without a prediction by this model for this fingerprint,
     # and rewrite only the files that hold superseded rows.
@@ -460,11 +464,11 @@ def run(spark, cfg: Config, run_id: str) -> dict:
         removed = superseded_files(wh, existing, current_keys, model_id)
         full = len(removed) == len(wh.snapshot(PREDICTED_FACTORS.name).files)
     if full:
-        to_score, carried, removed = mels, None, []
+        to_score, carried, removed = locations, None, []
     else:
         valid = existing.filter(F.col("model_id") == model_id) \
             .join(current_keys, ["track_id", "fingerprint"], "left_semi")
-        to_score = mels.join(valid.select("track_id", "fingerprint"), ["track_id", "fingerprint"],
+        to_score = locations.join(valid.select("track_id", "fingerprint"), ["track_id", "fingerprint"],
                              "left_anti")
         removed_uris = [wh.uri(PREDICTED_FACTORS.name, f) for f in removed]
         carried = valid.filter(F.col("_file").isin(removed_uris)).select(*PREDICTED_FACTORS.columns)
@@ -488,7 +492,7 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     finally:
         scored.unpersist()
 
-    serving = write_serving(spark, cfg, wh, run_id, model_id, meta, mels, track_factors)
+    serving = write_serving(spark, cfg, wh, run_id, model_id, meta, locations, track_factors)
     n_mels = wh.snapshot(MELS.name).rows if wh.exists(MELS.name) else 0
     n_rejected = sum(counts.values())
     return {
@@ -506,7 +510,7 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     }
 
 
-def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict, mels,
+def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict, locations,
                   track_factors) -> dict:
     """One row per catalogue track (every mel, plus ALS-only tracks): ALS factors with
     enough listeners, else the audio prediction rescaled to the ALS scale, else (no
@@ -539,7 +543,7 @@ def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict
     written = read_table(spark, wh, SERVING_FACTORS)
     by_source = {r["source"]: r["n"] for r in written.groupBy("source")
                  .agg(F.count("*").alias("n")).collect()}
-    unserved = mels.select("track_id").join(written.select("track_id"), "track_id", "left_anti").count()
+    unserved = locations.select("track_id").join(written.select("track_id"), "track_id", "left_anti").count()
     factors_run = wh.snapshot(TRACK_FACTORS.name).run_id if wh.exists(TRACK_FACTORS.name) else None
     if factors_run and meta.get("factors_run_id") and meta["factors_run_id"] != factors_run:
         log.warning("model %s learnt factors run %s but track_factors is run %s: audio rows are "
