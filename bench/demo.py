@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import resource
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from benchutil import peak_rss_mb
 from deepcuts.config import load_config
 from deepcuts.demo import CODECS, TRACK_STREAM, generate, plan_catalogue
 from deepcuts.synth import STYLE_NAMES, STYLES, render_track
@@ -52,8 +52,7 @@ def main() -> None:
         sf.write(io.BytesIO(), audio, spec.sample_rate, format=fmt, subtype=subtype)
         encode_cpu += time.process_time() - t1
         synth_cpu += t1 - t0
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-               + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    peak_mb = peak_rss_mb()
     print(f"generate: {summary['tracks']} tracks, {summary['audio_seconds']:.0f} s audio, "
           f"{summary['play_rows']} play rows in {wall:.1f} s wall ({args.workers} workers) "
           f"= {summary['audio_seconds'] / wall:.0f}x realtime")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -30,11 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
+from benchutil import peak_rss_mb
 
 
 def write_synthetic_mels(wh, n_tracks: int, n_mels: int, n_frames: int, rows_per_file: int,

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 
 import numpy as np
+
+from benchutil import peak_rss_mb
 
 
 def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
@@ -75,9 +76,7 @@ def main() -> int:
         print(f"  auto vs fp32, {scoring}: {len(ids)} tracks, cosine min {cosine.min():.5f}, relative "
               f"error median {np.median(relative):.4f} max {relative.max():.4f}, top-10 neighbour "
               f"overlap {neighbour_overlap(a, b):.3f}")
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    print(f"  peak RSS (driver + children reaped): {peak:.0f} MB")
+    print(f"  peak RSS (driver + children reaped): {peak_rss_mb():.0f} MB")
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
+from benchutil import peak_rss_mb  # noqa: E402
 from deepcuts.config import load_config  # noqa: E402
 from deepcuts.loader import EpochReader, decode_crops  # noqa: E402
 from deepcuts.model import FactorCNN, frames_for_seconds, resolve_device  # noqa: E402
@@ -39,12 +39,6 @@ from deepcuts.train import _run_epoch, make_loss, make_optimizer  # noqa: E402
 def rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
 
 
 def write_examples(folder: str, tracks: int, frames: int, n_mels: int, rank: int, rows_per_group: int,
