@@ -19,9 +19,9 @@ import numpy as np
 import soundfile as sf
 
 from benchutil import peak_rss_mb
-from deepcuts.config import load_config
-from deepcuts.demo import CODECS, TRACK_STREAM, generate, plan_catalogue
-from deepcuts.synth import STYLE_NAMES, STYLES, render_track
+from deepcuts.core.config import load_config
+from deepcuts.demo.generate import CODECS, TRACK_STREAM, generate, plan_catalogue
+from deepcuts.demo.synth import STYLE_NAMES, STYLES, render_track
 
 
 def main() -> None:

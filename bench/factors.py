@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from deepcuts import evaluation as ev  # noqa: E402
-from deepcuts.config import load_config  # noqa: E402
-from deepcuts.factors import fit_als  # noqa: E402
-from deepcuts.plays import confidence  # noqa: E402
+from deepcuts.evaluation import metrics as ev  # noqa: E402
+from deepcuts.core.config import load_config  # noqa: E402
+from deepcuts.stages.factors import fit_als  # noqa: E402
+from deepcuts.cf.plays import confidence  # noqa: E402
 
 
 def generate(n_users: int, n_tracks: int, per_user: int, seed: int) -> pd.DataFrame:
@@ -138,8 +138,8 @@ def main() -> int:
           f"mAP@{args.k} {imp_map:.4f}, AUC {imp_auc:.4f}", flush=True)
 
     # --- Spark ---------------------------------------------------------------------------
-    from deepcuts.factors import rating_column
-    from deepcuts.sparkio import get_session
+    from deepcuts.stages.factors import rating_column
+    from deepcuts.core.spark import get_session
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(overrides={"warehouse.root": tmp, "spark.checkpoint_dir": tmp + "/ckpt", **fc_dict})
         spark = get_session(cfg, "bench-factors", master=args.master)

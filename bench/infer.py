@@ -1,7 +1,7 @@
 """Bench of the inference stage: tracks/s per core scoring 30 s mels, Spark vs a plain loop.
 
 Anchor: a single-process loop over the same Parquet files (pyarrow, a row group at a
-time), the same model and the same per-batch function (``deepcuts.infer.score_mel_table``),
+time), the same model and the same per-batch function (``deepcuts.stages.infer.score_mel_table``),
 one torch thread on one core.  The Spark figure is the stage's scoring job
 (``mel_locations`` -> ``predict_vectors``) on local[cores], one torch thread per task,
 written to Spark's no-op sink, divided by the cores.  Spark overhead = 1 - spark/loop per
@@ -35,7 +35,7 @@ from benchutil import peak_rss_mb
 def write_synthetic_mels(wh, n_tracks: int, n_mels: int, n_frames: int, rows_per_file: int,
                          rows_per_group: int) -> None:
     """A committed ``mels`` table of random float16 mels (content does not change the cost)."""
-    from deepcuts.tables import MELS
+    from deepcuts.core.tables import MELS
     rng = np.random.default_rng(0)
     run_id = "ingest-bench"
     folder = wh.local_path(MELS.name, "data", run_id)
@@ -61,8 +61,8 @@ def write_synthetic_mels(wh, n_tracks: int, n_mels: int, n_frames: int, rows_per
 def loop_rate(wh, artifact, cfg) -> tuple[float, int]:
     """Single process, one thread: read each row group with pyarrow, score it; tracks/s."""
     import torch
-    from deepcuts.infer import MEL_INPUT_COLUMNS, score_mel_table
-    from deepcuts.tables import MELS
+    from deepcuts.stages.infer import MEL_INPUT_COLUMNS, score_mel_table
+    from deepcuts.core.tables import MELS
     torch.set_num_threads(1)
     started, n = time.perf_counter(), 0
     for path in wh.files(MELS.name, local=True):
@@ -77,7 +77,7 @@ def loop_rate(wh, artifact, cfg) -> tuple[float, int]:
 
 def spark_seconds(spark, wh, folder, cfg, only_track: str | None = None) -> float:
     """Wall seconds of the stage's scoring job: locations, units, scoring, no-op sink."""
-    from deepcuts.infer import mel_locations, predict_vectors
+    from deepcuts.stages.infer import mel_locations, predict_vectors
     started = time.perf_counter()
     locations = mel_locations(spark, wh)
     if only_track is not None:
@@ -107,9 +107,9 @@ def main() -> int:
 def bench(args, root: str) -> int:
     """Build the synthetic catalogue and model under ``root``, time the loop and Spark."""
     import torch
-    from deepcuts.config import load_config
-    from deepcuts.model import FactorCNN, frames_for_seconds, load_artifact, save_artifact
-    from deepcuts.sparkio import get_session, warehouse
+    from deepcuts.core.config import load_config
+    from deepcuts.nn.model import FactorCNN, frames_for_seconds, load_artifact, save_artifact
+    from deepcuts.core.spark import get_session, warehouse
 
     overrides = {"warehouse.root": os.path.join(root, "warehouse"),
                  "spark.checkpoint_dir": os.path.join(root, "checkpoints")}

@@ -35,11 +35,11 @@ def main() -> int:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import functions as F
-    from deepcuts.config import load_config
-    from deepcuts.evaluation import evaluate_cold_start
-    from deepcuts.infer import mel_locations, predict_vectors, resolve_model
-    from deepcuts.sparkio import get_session, read_table, warehouse
-    from deepcuts.tables import EVAL_HOLDOUT, USER_FACTORS
+    from deepcuts.core.config import load_config
+    from deepcuts.evaluation.metrics import evaluate_cold_start
+    from deepcuts.stages.infer import mel_locations, predict_vectors, resolve_model
+    from deepcuts.core.spark import get_session, read_table, warehouse
+    from deepcuts.core.tables import EVAL_HOLDOUT, USER_FACTORS
 
     overrides = {"infer.model": args.model}
     if args.root:

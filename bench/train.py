@@ -30,10 +30,10 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
 from benchutil import peak_rss_mb  # noqa: E402
-from deepcuts.config import load_config  # noqa: E402
-from deepcuts.loader import EpochReader, decode_crops  # noqa: E402
-from deepcuts.model import FactorCNN, frames_for_seconds, resolve_device  # noqa: E402
-from deepcuts.train import _run_epoch, make_loss, make_optimizer  # noqa: E402
+from deepcuts.core.config import load_config  # noqa: E402
+from deepcuts.nn.loader import EpochReader, decode_crops  # noqa: E402
+from deepcuts.nn.model import FactorCNN, frames_for_seconds, resolve_device  # noqa: E402
+from deepcuts.stages.train import _run_epoch, make_loss, make_optimizer  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -1,7 +1,7 @@
-"""spark-submit entry point of the deepcuts train job: wiring only (see deepcuts.cli)."""
+"""spark-submit entry point of the deepcuts train job: wiring only (see deepcuts.core.cli)."""
 import sys
 
-from deepcuts.cli import main
+from deepcuts.core.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("train"))

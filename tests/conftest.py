@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-from deepcuts.config import Config, load_config  # noqa: E402
+from deepcuts.core.config import Config, load_config  # noqa: E402
 
 # Small enough for 2 CI cores, big enough that learnt factors carry the styles.
 SMALL_DEMO = {
@@ -37,7 +37,7 @@ def make_config(root: Path, **overrides) -> Config:
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from deepcuts.sparkio import get_session
+    from deepcuts.core.spark import get_session
     cfg = make_config(tmp_path_factory.mktemp("spark"), **SMALL_DEMO)
     session = get_session(cfg, "deepcuts-tests", master="local[2]")
     session.sparkContext.setLogLevel("ERROR")
@@ -48,7 +48,7 @@ def spark(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A small demo catalogue + play counts generated once per test session."""
-    from deepcuts.demo import generate
+    from deepcuts.demo.generate import generate
     root = tmp_path_factory.mktemp("demo-shared")
     generate(make_config(root, **SMALL_DEMO).demo)
     return root
@@ -92,7 +92,7 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server):
     import uuid
-    from deepcuts.catalogue import s3_client
+    from deepcuts.audio.catalogue import s3_client
     client = s3_client()
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)

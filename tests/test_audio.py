@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from audio_fixtures import write_audio, write_hostile_files
-from deepcuts import audio
-from deepcuts.audio import MelParams, RejectedAudio
-from deepcuts.config import load_config
+from deepcuts.audio import decode as audio
+from deepcuts.audio.decode import MelParams, RejectedAudio
+from deepcuts.core.config import load_config
 
 PARAMS = MelParams.from_conf(load_config().ingest)
 

@@ -3,8 +3,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from deepcuts import catalogue
-from deepcuts.catalogue import CatalogueEntry
+from deepcuts.audio import catalogue
+from deepcuts.audio.catalogue import CatalogueEntry
 
 
 def test_track_ids_are_relative_posix_paths():

@@ -1,6 +1,6 @@
 import pytest
 
-from deepcuts.config import ConfigError, load_config, parse_override_value
+from deepcuts.core.config import ConfigError, load_config, parse_override_value
 
 
 def test_defaults_load_and_are_typed():

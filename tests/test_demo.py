@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 
 from conftest import SMALL_DEMO, make_config
-from deepcuts.config import PROJECT_ROOT
-from deepcuts.demo import demo_data_present, generate
-from deepcuts.synth import STYLE_NAMES
+from deepcuts.core.config import PROJECT_ROOT
+from deepcuts.demo.generate import demo_data_present, generate
+from deepcuts.demo.synth import STYLE_NAMES
 
 TINY = {"demo__n_tracks": 10, "demo__n_users": 40, "demo__n_styles": 4, "demo__min_seconds": 1.0,
         "demo__max_seconds": 2.0, "demo__mean_plays_per_user": 10.0, "demo__workers": 1}
@@ -174,6 +174,6 @@ def test_cli_demo_catalogue(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("demo.codecs", ["aac"]), ("demo.sample_rates", [16000])])
 def test_config_rejects_unsupported_codecs_and_rates(tmp_path, key, value):
-    from deepcuts.config import ConfigError
+    from deepcuts.core.config import ConfigError
     with pytest.raises(ConfigError, match=key.split(".")[1]):
         make_config(tmp_path, **{key.replace(".", "__"): value})

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepcuts import evaluation as ev
+from deepcuts.evaluation import metrics as ev
 
 
 def test_average_precision_hand_computed():

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config
-from deepcuts import plays as P
-from deepcuts.factors import rating_column, run
-from deepcuts.sparkio import warehouse
-from deepcuts.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
+from deepcuts.cf import plays as P
+from deepcuts.stages.factors import rating_column, run
+from deepcuts.core.spark import warehouse
+from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                              USER_FACTORS, USER_INDEX)
-from deepcuts.warehouse import read_pandas
+from deepcuts.core.warehouse import read_pandas
 
 N_USERS, N_TRACKS, N_GROUPS = 240, 96, 4
 TRACK_ID_BASE = 10 ** 12          # 64-bit integer track ids: exercise the id mapping

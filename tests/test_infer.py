@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepcuts import infer
-from deepcuts.model import FactorCNN, latest_model_id, load_artifact, save_artifact
-from deepcuts.sparkio import warehouse
-from deepcuts.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
+from deepcuts.stages import infer
+from deepcuts.nn.model import FactorCNN, latest_model_id, load_artifact, save_artifact
+from deepcuts.core.spark import warehouse
+from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
 from conftest import make_config
 
@@ -81,7 +81,7 @@ def test_score_batch_matches_embed_and_rejects_bad_rows_only(tmp_path):
 
 
 def test_windows_scoring_is_the_mean_over_windows(tmp_path):
-    from deepcuts.model import window_starts
+    from deepcuts.nn.model import window_starts
     cfg = small_cfg(tmp_path)
     artifact = load_artifact(make_artifact(cfg, "m1", seed=1))
     row = mel_row("long", 700, 9)
@@ -138,15 +138,15 @@ def test_unit_predictions_are_served_at_the_als_scale(spark):
 # The Spark stage
 # --------------------------------------------------------------------------------------
 def write_mels(spark, cfg, rows: list[dict], run_id: str) -> None:
-    from deepcuts.sparkio import write_table
-    from deepcuts.tables import spark_schema
+    from deepcuts.core.spark import write_table
+    from deepcuts.core.tables import spark_schema
     df = spark.createDataFrame(pd.DataFrame(rows), schema=spark_schema(MELS))
     write_table(df, warehouse(cfg), MELS, run_id)
 
 
 def write_track_factors(spark, cfg, listeners: dict[str, int]) -> pd.DataFrame:
-    from deepcuts.sparkio import write_table
-    from deepcuts.tables import spark_schema
+    from deepcuts.core.spark import write_table
+    from deepcuts.core.tables import spark_schema
     rng = np.random.default_rng(0)
     vectors = (rng.normal(0, 1, (len(listeners), RANK)) * rng.uniform(0.5, 2, (len(listeners), 1))) \
         .astype(np.float32)
@@ -182,7 +182,7 @@ def read_pandas(wh, table_name: str) -> pd.DataFrame:
     per plan, so files of one table can differ in it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from deepcuts.tables import ALL_TABLES
+    from deepcuts.core.tables import ALL_TABLES
     schema = ALL_TABLES[table_name].schema
     files = wh.files(table_name, local=True)
     return pa.concat_tables([pq.read_table(f).select(schema.names).cast(schema) for f in files]
@@ -258,7 +258,7 @@ def test_reading_stored_rows_checks_what_it_reads(tmp_path):
 
 
 def test_workers_load_only_the_weights_the_driver_planned(tmp_path):
-    from deepcuts.model import ModelArtifactError
+    from deepcuts.nn.model import ModelArtifactError
     cfg = small_cfg(tmp_path)
     folder = make_artifact(cfg, "m1", seed=3)
     key = infer.model_key(folder)
@@ -357,7 +357,8 @@ def test_a_model_outside_the_als_space_is_refused():
 @pytest.mark.slow
 def test_demo_catalogue_every_ingested_track_served_once(spark, small_config, tmp_path):
     """The real chain on the demo catalogue: ingest -> factors -> (a model) -> infer."""
-    from deepcuts import factors, ingest
+    from deepcuts.stages import factors
+    from deepcuts.stages import ingest
     cfg = small_config.replace(**{**SMALL_NET, "factors.evaluate": False, "factors.iterations": 5})
     ingest.run(spark, cfg, "ingest-demo")
     factors.run(spark, cfg, "factors-demo")

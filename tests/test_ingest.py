@@ -10,10 +10,10 @@ import pytest
 
 from audio_fixtures import write_audio, write_hostile_files
 from conftest import make_config
-from deepcuts import ingest
-from deepcuts.audio import mel_from_bytes
-from deepcuts.sparkio import warehouse
-from deepcuts.warehouse import Warehouse, read_pandas
+from deepcuts.stages import ingest
+from deepcuts.audio.decode import mel_from_bytes
+from deepcuts.core.spark import warehouse
+from deepcuts.core.warehouse import Warehouse, read_pandas
 
 pytestmark = pytest.mark.spark
 

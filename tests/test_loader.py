@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deepcuts.loader import EpochReader, ShortEpochError, band_statistics, crop_offset, decode_crops
+from deepcuts.nn.loader import EpochReader, ShortEpochError, band_statistics, crop_offset, decode_crops
 
 N_MELS, CROP = 16, 20
 
@@ -104,7 +104,7 @@ def test_short_epochs_are_retried_when_empty_and_refused_when_partial(example_fi
         return real(self, epoch)
 
     monkeypatch.setattr(EpochReader, "_row_groups", empty_first_time)
-    with caplog.at_level(logging.WARNING, logger="deepcuts.loader"):
+    with caplog.at_level(logging.WARNING, logger="deepcuts.nn.loader"):
         _, targets = _epoch(reader, 0)
     assert len(targets) == 83 and calls["n"] == 2 and "0 of 83 rows" in caplog.text
 

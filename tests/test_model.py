@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import make_config
-from deepcuts.audio import mel_from_bytes
-from deepcuts.model import (Artifact, FactorCNN, ModelArtifactError, frames_for_seconds,
+from deepcuts.audio.decode import mel_from_bytes
+from deepcuts.nn.model import (Artifact, FactorCNN, ModelArtifactError, frames_for_seconds,
                             latest_model_id, load_artifact, min_frames, model_dir, save_artifact)
-from deepcuts.warehouse import Warehouse
+from deepcuts.core.warehouse import Warehouse
 
 SMALL = {"train__conv_channels": [16, 16, 16], "train__dense_units": 32}
 
@@ -109,7 +109,7 @@ def test_damaged_artifacts_are_refused_by_name(tmp_path):
 
 def test_reduced_precision_scores_within_two_percent_of_fp32(tmp_path):
     """infer.precision: "auto"/"bf16" score in bfloat16 on CPUs with native bf16, and only there."""
-    from deepcuts.model import compute_dtype, cpu_has_native_bf16
+    from deepcuts.nn.model import compute_dtype, cpu_has_native_bf16
     cpu = torch.device("cpu")
     native = cpu_has_native_bf16()
     assert compute_dtype("fp32", cpu) == torch.float32
@@ -135,7 +135,7 @@ def test_reduced_precision_scores_within_two_percent_of_fp32(tmp_path):
 
 
 def test_window_starts_are_aligned_spread_and_cover_the_excerpt():
-    from deepcuts.model import window_starts
+    from deepcuts.nn.model import window_starts
     assert window_starts(100, 130, 16) == [0] and window_starts(130, 130, 16) == [0]
     starts = window_starts(1292, 130, 16)
     assert len(starts) == 10 and starts[0] == 0 and all(s % 16 == 0 for s in starts)
@@ -150,7 +150,7 @@ def test_window_starts_are_aligned_spread_and_cover_the_excerpt():
 @pytest.mark.parametrize("target", ["factors", "labels"])
 def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, target):
     """Artifact.embed(mels, window) == the mean of embedding each window alone (fp32)."""
-    from deepcuts.model import window_starts
+    from deepcuts.nn.model import window_starts
     cfg = make_config(tmp_path, train__conv_channels=[8, 8, 8], train__pool_sizes=[4, 2, 2],
                       train__dense_units=16, train__target=target)
     torch.manual_seed(3)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import SMALL_DEMO
-from deepcuts.warehouse import Warehouse, read_pandas
+from deepcuts.core.warehouse import Warehouse, read_pandas
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 

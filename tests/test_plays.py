@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepcuts import plays as P
+from deepcuts.cf import plays as P
 
 
 def test_every_reason_code_of_an_aggregated_row():

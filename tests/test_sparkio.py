@@ -24,7 +24,7 @@ import pkg7
 before = zipimport._zip_directory_cache[{str(archive)!r}]
 importlib.invalidate_caches()
 reread = zipimport._zip_directory_cache[{str(archive)!r}] is not before
-from deepcuts.sparkio import python_worker_setup
+from deepcuts.core.spark import python_worker_setup
 python_worker_setup(); python_worker_setup()
 before = zipimport._zip_directory_cache[{str(archive)!r}]
 importlib.invalidate_caches()

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from conftest import make_config
-from deepcuts import train as train_mod
-from deepcuts.model import latest_model_id, load_artifact, model_dir
-from deepcuts.sparkio import read_table, warehouse, write_table
-from deepcuts.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_METRICS,
+from deepcuts.stages import train as train_mod
+from deepcuts.nn.model import latest_model_id, load_artifact, model_dir
+from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_METRICS,
                              TRAIN_REJECTS, USER_FACTORS, VALIDATION_EXAMPLES)
-from deepcuts.trainset import build_training_set, committed_training_set
-from deepcuts.warehouse import Warehouse
+from deepcuts.nn.trainset import build_training_set, committed_training_set
+from deepcuts.core.warehouse import Warehouse
 
 N_STYLES, RANK, N_MELS, FRAMES = 4, 8, 128, 180
 SMALL_MODEL = {"train__conv_channels": [24, 24, 24], "train__dense_units": 48, "train__dropout": 0.1,
@@ -75,7 +75,7 @@ def planted_catalogue(n_tracks: int = 160, n_users: int = 120, cold_share: float
 
 
 def _frame(spark, table, rows: pd.DataFrame):
-    from deepcuts.tables import spark_schema
+    from deepcuts.core.tables import spark_schema
     return spark.createDataFrame(rows[table.columns], spark_schema(table))
 
 
@@ -117,7 +117,8 @@ def test_training_set_keeps_cold_tracks_out_and_rejects_bad_rows(spark, planted)
 @pytest.mark.slow
 def test_demo_chain_cnn_beats_random_on_cold_start(spark, small_config):
     """demo -> ingest -> factors -> train: the CNN ranks the held-out cold tracks for users."""
-    from deepcuts import factors, ingest
+    from deepcuts.stages import factors
+    from deepcuts.stages import ingest
     cfg = small_config.replace(**{k.replace("__", "."): v for k, v in SMALL_MODEL.items()
                                   if k.startswith("train__")})
     cfg = cfg.replace(**{"train.epochs": 8, "train.patience": 4, "factors.rank": 16, "factors.iterations": 6,

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deepcuts.warehouse import CommitConflict, Warehouse, duckdb_views, read_pandas
+from deepcuts.core.warehouse import CommitConflict, Warehouse, duckdb_views, read_pandas
 
 
 def _write(wh, table, run_id, name, ids):
@@ -67,7 +67,7 @@ def test_duckdb_views_query_the_committed_version(tmp_path):
 
 
 def test_spark_file_uris_map_back_to_paths():
-    from deepcuts.warehouse import path_from_uri
+    from deepcuts.core.warehouse import path_from_uri
     # Spark's _metadata.file_path percent-encodes a local path.
     assert path_from_uri("file:/tmp/a%20b%25c/x%20y.parquet") == "/tmp/a b%c/x y.parquet"
     assert path_from_uri("file:///tmp/wh/t.parquet") == "/tmp/wh/t.parquet"

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import make_config
-from deepcuts import train as train_mod
-from deepcuts.infer import predicts_unit_factors
-from deepcuts.loader import EpochReader
-from deepcuts.model import latest_model_id, load_artifact, model_dir
-from deepcuts.plays import confidence
-from deepcuts.sparkio import read_table, warehouse, write_table
-from deepcuts.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
+from deepcuts.stages import train as train_mod
+from deepcuts.stages.infer import predicts_unit_factors
+from deepcuts.nn.loader import EpochReader
+from deepcuts.nn.model import latest_model_id, load_artifact, model_dir
+from deepcuts.cf.plays import confidence
+from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
                              USER_FACTORS, VALIDATION_EXAMPLES)
-from deepcuts.trainset import NO_PLAYS, build_training_set, inputs_fingerprint, wpe_track_statistics
+from deepcuts.nn.trainset import NO_PLAYS, build_training_set, inputs_fingerprint, wpe_track_statistics
 from test_train import RANK, SMALL_MODEL, _frame, planted_catalogue
 
 ALPHA, EPSILON = 2.0, 1.0
@@ -70,7 +70,7 @@ def test_wpe_loss_equals_brute_force_up_to_a_constant():
 
 
 def make_config_train_wpe():
-    from deepcuts.config import load_config
+    from deepcuts.core.config import load_config
     return load_config(overrides={"train.loss": "wpe"}).train
 
 

@@ -1,7 +1,7 @@
 """``python -m deepcuts COMMAND``: the jobs without spark-submit, plus operator helpers."""
 import sys
 
-from .cli import STAGES, main, tables_main
+from deepcuts.core.cli import STAGES, main, tables_main
 
 USAGE = f"""usage: python -m deepcuts COMMAND [args]
 

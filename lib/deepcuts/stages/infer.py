@@ -18,7 +18,7 @@ pandas, a copy chain that cost more than the forward pass.  The model is read fr
 warehouse folder once per Python worker (cached by id and weights checksum); torch's
 threads are set to the task's cores; CUDA is used when the task has a GPU.
 ``score_mel_table`` is the pure, Spark-free per-batch function and ``Artifact.embed``
-(deepcuts.model) the one function that turns mels into vectors, so Spark and plain-
+(deepcuts.nn.model) the one function that turns mels into vectors, so Spark and plain-
 Python scoring agree.  ``infer.precision = "auto"`` scores in bfloat16 on CPUs with
 native bf16 (AMX, AVX512-BF16) and in float16 on CUDA: 2-2.5x float32 on this CPU, with
 vectors within 0.4 % of float32 and the same cold-start metrics to 3 decimals.
@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .audio import mel_view
-from .config import Config
-from .tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
+from deepcuts.audio.decode import mel_view
+from deepcuts.core.config import Config
+from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def model_key(artifact_dir: str) -> str:
     """``pinned_key`` of a model folder, read on the driver: what the executors must load,
     so a folder rewritten under the same id is never mixed in."""
     import json
-    from .model import META_FILE, ModelArtifactError
-    from .warehouse import read_bytes
+    from deepcuts.nn.model import META_FILE, ModelArtifactError
+    from deepcuts.core.warehouse import read_bytes
     data = read_bytes(posixpath.join(artifact_dir, META_FILE))
     try:
         return pinned_key(json.loads(data))
@@ -249,7 +249,7 @@ def task_cores(default: int = 1) -> int:
 def worker_artifact(key: str, artifact_dir: str, device: str, precision: str):
     """The model, read from the warehouse once per Python worker and device (later tasks
     reuse it), like the mels.  ``key`` (``model_key``) pins the weights the driver saw."""
-    from .model import ModelArtifactError, load_artifact
+    from deepcuts.nn.model import ModelArtifactError, load_artifact
     cache_key = (key, device, precision)
     with _WORKER_LOCK:
         if cache_key not in _WORKER_MODELS:
@@ -272,7 +272,7 @@ def mel_locations(spark, wh):
     files, so 330 kB per track never passes through the JVM, Arrow and pandas on the way
     (that copy chain cost more than the forward pass)."""
     from pyspark.sql import functions as F
-    from .sparkio import read_table
+    from deepcuts.core.spark import read_table
     if not wh.files(MELS.name):
         return spark.createDataFrame([], "track_id string, fingerprint string, mel_file string, mel_row long")
     return read_table(spark, wh, MELS).select(
@@ -284,7 +284,7 @@ def read_mel_rows(file_uri: str, rows: list[int]) -> Iterator[pa.Table]:
     """The MEL_INPUT_COLUMNS of ``rows`` (row indexes in the file) of one mels data file,
     one table per row group: only the row groups holding them are read."""
     import pyarrow.parquet as pq
-    from .warehouse import filesystem_for, path_from_uri
+    from deepcuts.core.warehouse import filesystem_for, path_from_uri
     fs, path = filesystem_for(path_from_uri(file_uri))
     wanted = np.sort(np.asarray(rows, dtype=np.int64))
     with fs.open_input_file(path) as fh:
@@ -323,7 +323,7 @@ def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, ba
             precision: str):
     def score_partition(units: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
-        from .sparkio import python_worker_setup
+        from deepcuts.core.spark import python_worker_setup
         python_worker_setup()
         torch.set_num_threads(task_cores())   # the task's cores, or executors oversubscribe
         artifact = worker_artifact(key, artifact_dir, task_device(), precision)
@@ -377,7 +377,7 @@ def score_locally(mels: pd.DataFrame, artifact, cfg: Config) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 def resolve_model(cfg: Config, wh) -> tuple[str, str]:
     """(model_id, model folder) of ``infer.model`` or of the latest model."""
-    from .model import latest_model_id, model_dir
+    from deepcuts.nn.model import latest_model_id, model_dir
     model_id = cfg.infer.model or latest_model_id(wh)
     if not model_id:
         raise RuntimeError(f"no trained model under {wh.root}/models: run the train stage first "
@@ -425,7 +425,7 @@ def superseded_files(wh, existing, current_keys, model_id: str) -> list[str]:
     """Data files of predicted_factors holding a row that no longer holds: its track left
     ``mels``, its mel changed (fingerprint) or another model made it."""
     from pyspark.sql import functions as F
-    from .sparkio import files_holding
+    from deepcuts.core.spark import files_holding
     stale = existing.join(current_keys, ["track_id", "fingerprint"], "left_anti") \
         .unionByName(existing.filter(F.col("model_id") != model_id))
     return files_holding(wh, PREDICTED_FACTORS, stale)
@@ -443,8 +443,8 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     """Score the catalogue (or its changes), then rebuild serving_factors."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-    from .model import load_artifact
-    from .sparkio import read_table, warehouse, write_table
+    from deepcuts.nn.model import load_artifact
+    from deepcuts.core.spark import read_table, warehouse, write_table
 
     wh = warehouse(cfg)
     model_id, artifact_dir = resolve_model(cfg, wh)
@@ -517,7 +517,7 @@ def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict
     usable audio) whatever ALS vector exists.  Rebuilt whole and committed in one swap,
     so a new model replaces every audio row at once."""
     from pyspark.sql import functions as F
-    from .sparkio import read_table, write_table
+    from deepcuts.core.spark import read_table, write_table
 
     threshold = cfg.infer.min_listeners_for_usage
     scale = median_als_norm(track_factors)

@@ -191,7 +191,7 @@ def evaluate_ranking(spark, user_vectors_df, positives_df, candidate_vectors_df,
         scored = scored.withColumn("excluded", F.lit(None).cast("array<string>"))
 
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from .sparkio import python_worker_setup
+        from deepcuts.core.spark import python_worker_setup
         python_worker_setup()
         ids, mat = shared.value
         index = pd.Index(ids)
@@ -258,7 +258,7 @@ METRIC_COLUMNS = ("split", "predictor", "map_at_k", "auc", "k", "n_users", "n_tr
 
 def metrics_frame(spark, results: Sequence[dict], run_id: str):
     """``factor_metrics`` rows (one per result dict) as a Spark DataFrame."""
-    from .tables import FACTOR_METRICS, spark_schema
+    from deepcuts.core.tables import FACTOR_METRICS, spark_schema
     rows = [{"run_id": run_id, **{c: r.get(c) for c in METRIC_COLUMNS}} for r in results]
     return spark.createDataFrame(rows, spark_schema(FACTOR_METRICS))
 

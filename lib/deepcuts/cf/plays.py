@@ -201,7 +201,7 @@ def validate_plays(raw_df, plays_format: str):
                          StructField("reason", StringType())])
 
     def validate(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from .sparkio import python_worker_setup
+        from deepcuts.core.spark import python_worker_setup
         python_worker_setup()
         for batch in batches:
             yield validate_rows(batch, plays_format)

@@ -4,7 +4,7 @@ Weighted matrix factorisation for implicit feedback (Hu, Koren & Volinsky 2008) 
 MLlib ALS: preference 1 for every played pair, confidence ``1 + alpha * log(1 + r / eps)``
 (van den Oord et al. 2013), obtained by feeding ``log(1 + r / eps)`` as the rating.
 
-Outputs (all ids are the original ids as canonical strings, see ``deepcuts.plays``):
+Outputs (all ids are the original ids as canonical strings, see ``deepcuts.cf.plays``):
 
 * ``user_factors`` / ``track_factors``: the published fit; tracks with fewer than
   ``factors.min_track_listeners`` listeners get no row (they still inform the fit).
@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import time
 
-from . import evaluation as ev
-from .config import Config, FactorsConf
-from .plays import (aggregate_pairs, dense_index, flag_unknown_tracks, read_raw_plays,
+from deepcuts.evaluation import metrics as ev
+from deepcuts.core.config import Config, FactorsConf
+from deepcuts.cf.plays import (aggregate_pairs, dense_index, flag_unknown_tracks, read_raw_plays,
                     validate_plays)
-from .sparkio import checkpoint_dir, read_table, warehouse, write_table
-from .tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
+from deepcuts.core.spark import checkpoint_dir, read_table, warehouse, write_table
+from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                      TRACK_INDEX, USER_FACTORS, USER_INDEX)
 
 log = logging.getLogger(__name__)

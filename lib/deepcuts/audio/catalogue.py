@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Reason codes for catalogue-level problems (beside deepcuts.audio's decode reasons).
+# Reason codes for catalogue-level problems (beside deepcuts.audio.decode's decode reasons).
 BAD_MANIFEST_ROW = "bad_manifest_row"
 DUPLICATE_TRACK_ID = "duplicate_track_id"
 

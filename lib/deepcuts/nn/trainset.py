@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config
-from .model import frames_for_seconds
-from .sparkio import read_table, warehouse, write_table
-from .tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
+from deepcuts.core.config import Config
+from deepcuts.nn.model import frames_for_seconds
+from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
                      VALIDATION_EXAMPLES)
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ def wpe_statistics_frame(spark, cfg: Config, wh, track_ids_df):
     them; only X^T X (rank^2 numbers) ever reaches the driver."""
     import pandas as pd
     from pyspark.sql import functions as F
-    from .factors import rating_column
-    from .plays import aggregate_pairs, read_raw_plays, validate_plays
+    from deepcuts.stages.factors import rating_column
+    from deepcuts.cf.plays import aggregate_pairs, read_raw_plays, validate_plays
     fc = cfg.factors
     users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
     partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .warehouse import read_bytes, write_bytes_atomic
+from deepcuts.core.warehouse import read_bytes, write_bytes_atomic
 
 MODELS_DIR = "models"
 LATEST = "LATEST"

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from .config import Config, DemoConf
-from .synth import STYLE_NAMES, STYLES, render_track
+from deepcuts.core.config import Config, DemoConf
+from deepcuts.demo.synth import STYLE_NAMES, STYLES, render_track
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
    when present, else CPU, one code path.  A checkpoint after every epoch; a re-run with the
    same training set and config resumes from the last one (a corrupted one is refused).
    Early stopping on validation loss; the best epoch's weights become the model.
-3. The artifact goes to ``models/<model_id>/`` (see ``deepcuts.model``) and the cold-start
+3. The artifact goes to ``models/<model_id>/`` (see ``deepcuts.nn.model``) and the cold-start
    tracks are scored with ``infer.predict_vectors`` and evaluated with the factors stage's
    protocol (``evaluation.evaluate_cold_start``) beside its random and upper-bound rows.
 """
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, TrainConf, to_dict
-from .loader import EpochReader, ShortEpochError, band_statistics
-from .model import FactorCNN, normalise, resolve_device, save_artifact
-from .sparkio import read_table, warehouse, write_table
-from .warehouse import filesystem_for, read_bytes, write_bytes_atomic
-from .tables import EVAL_HOLDOUT, FACTOR_METRICS, TRAIN_METRICS, USER_FACTORS
-from .trainset import TrainingSet, build_training_set
+from deepcuts.core.config import Config, TrainConf, to_dict
+from deepcuts.nn.loader import EpochReader, ShortEpochError, band_statistics
+from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
+from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.warehouse import filesystem_for, read_bytes, write_bytes_atomic
+from deepcuts.core.tables import EVAL_HOLDOUT, FACTOR_METRICS, TRAIN_METRICS, USER_FACTORS
+from deepcuts.nn.trainset import TrainingSet, build_training_set
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +364,8 @@ def evaluate_cold_start_cnn(spark, cfg: Config, wh, artifact_dir: str, run_id: s
                             factors_run_id: str) -> dict | None:
     """The CNN on the cold-start tracks (factors issue's protocol), beside random and upper bound."""
     from pyspark.sql import functions as F
-    from .evaluation import evaluate_cold_start
-    from .infer import mel_locations, predict_vectors
+    from deepcuts.evaluation.metrics import evaluate_cold_start
+    from deepcuts.stages.infer import mel_locations, predict_vectors
     if not wh.exists(EVAL_HOLDOUT.name):
         return None
     holdout = read_table(spark, wh, EVAL_HOLDOUT).where(F.col("split") == "cold")
@@ -378,7 +378,7 @@ def evaluate_cold_start_cnn(spark, cfg: Config, wh, artifact_dir: str, run_id: s
     users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
     cnn = evaluate_cold_start(spark, users, holdout, vectors, cfg.factors.eval_k, "cnn")
     out = {"cnn": _metric(cnn)}
-    from .evaluation import metrics_frame
+    from deepcuts.evaluation.metrics import metrics_frame
     write_table(metrics_frame(spark, [cnn], run_id), wh, FACTOR_METRICS, run_id, replace=False)
     baselines = (read_table(spark, wh, FACTOR_METRICS)
                  .where((F.col("run_id") == factors_run_id) & (F.col("split") == "cold")).collect())
@@ -422,7 +422,7 @@ def run(spark, cfg: Config, run_id: str) -> dict:
 
     new_rows = [r for r in result.history if r["run_id"] == run_id]
     if new_rows:
-        from .tables import spark_schema
+        from deepcuts.core.tables import spark_schema
         write_table(spark.createDataFrame(new_rows, spark_schema(TRAIN_METRICS)), wh, TRAIN_METRICS,
                     run_id, replace=False)
     summary = {

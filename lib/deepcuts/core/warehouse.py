@@ -270,7 +270,7 @@ class Warehouse:
 
     def describe(self) -> list[dict]:
         """One line per committed table, for the operator and analysts."""
-        from .tables import ALL_TABLES
+        from deepcuts.core.tables import ALL_TABLES
         out = []
         for name in ALL_TABLES:
             snap = self.snapshot(name)
@@ -284,7 +284,7 @@ class Warehouse:
 def read_pandas(wh: Warehouse, table_name: str, columns: list[str] | None = None):
     """A committed table as a pandas DataFrame (analysts; small tables)."""
     import pyarrow as pa
-    from .tables import ALL_TABLES
+    from deepcuts.core.tables import ALL_TABLES
     table = ALL_TABLES[table_name]
     files = wh.files(table_name, local=True)
     if not files:

@@ -14,17 +14,17 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from .config import ConfigError, load_config
+from deepcuts.core.config import ConfigError, load_config
 
 log = logging.getLogger("deepcuts")
 
 # stage name -> "module:function"; each function is run(spark, cfg, run_id) -> summary dict.
 STAGES: dict[str, str] = {
-    "demo": "deepcuts.demo:run_stage",
-    "ingest": "deepcuts.ingest:run",
-    "factors": "deepcuts.factors:run",
-    "train": "deepcuts.train:run",
-    "infer": "deepcuts.infer:run",
+    "demo": "deepcuts.demo.generate:run_stage",
+    "ingest": "deepcuts.stages.ingest:run",
+    "factors": "deepcuts.stages.factors:run",
+    "train": "deepcuts.stages.train:run",
+    "infer": "deepcuts.stages.infer:run",
 }
 # The nightly order; `demo` only runs in the pipeline when its data is missing.
 PIPELINE = ("demo", "ingest", "factors", "train", "infer")
@@ -77,7 +77,7 @@ def print_summary(stage: str, summary: dict, seconds: float) -> None:
 
 def main(job: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jobs/<job>.py``: exits 2 on a config error, 1 on a failed stage."""
-    from .warehouse import new_run_id
+    from deepcuts.core.warehouse import new_run_id
     setup_logging()
     args = parse_args(job, argv)
     try:
@@ -94,12 +94,12 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
     try:
         for stage in stages:
             if job == "pipeline" and stage == "demo":
-                from .demo import demo_data_present
+                from deepcuts.demo.generate import demo_data_present
                 if demo_data_present(cfg):
                     log.info("demo catalogue present in %s: not regenerated", cfg.demo.out_dir)
                     continue
             if spark is None and stage not in NEEDS_NO_SPARK:
-                from .sparkio import get_session
+                from deepcuts.core.spark import get_session
                 spark = get_session(cfg, f"{cfg.spark.app_name}-{job}")
                 spark.sparkContext.setLogLevel("WARN")
             run_id = new_run_id(f"{stage}-")
@@ -119,7 +119,7 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
 
 def tables_main(argv: Sequence[str] | None = None) -> int:
     """``python -m deepcuts tables``: the committed tables and where their files are."""
-    from .sparkio import warehouse
+    from deepcuts.core.spark import warehouse
     p = argparse.ArgumentParser(prog="deepcuts tables")
     p.add_argument("--conf-file")
     p.add_argument("--set", dest="overrides", action="append", default=[])

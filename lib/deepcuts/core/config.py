@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONF_FILE = PROJECT_ROOT / "conf" / "deepcuts.toml"
 CONF_FILE_ENV = "DEEPCUTS_CONF"
 

@@ -73,7 +73,7 @@ PLAYS_REJECTS = _table(
 USER_INDEX = _table(
     "user_index", ("user_id",),
     "Original user id <-> dense int index used by ALS (rebuilt every run: join on the ids, never "
-    "keep indices across runs). Ids are text: integral ids in plain decimal (see deepcuts.plays).",
+    "keep indices across runs). Ids are text: integral ids in plain decimal (see deepcuts.cf.plays).",
     F("user_id", pa.string(), nullable=False),
     F("user_idx", pa.int32(), nullable=False),
 )

@@ -6,9 +6,9 @@ import os
 import sys
 from typing import Iterable
 
-from .config import PROJECT_ROOT, Config
-from .tables import Table, spark_schema
-from .warehouse import Snapshot, Warehouse
+from deepcuts.core.config import PROJECT_ROOT, Config
+from deepcuts.core.tables import Table, spark_schema
+from deepcuts.core.warehouse import Snapshot, Warehouse
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .audio import mel_view
+from deepcuts.audio.decode import mel_view
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,12 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 
-from . import audio, catalogue
-from .audio import MelParams, RejectedAudio
-from .config import Config, ConfigError
-from .sparkio import files_holding, python_worker_setup, read_table, warehouse, write_table
-from .tables import INGEST_REJECTS, MELS
+from deepcuts.audio import decode as audio
+from deepcuts.audio import catalogue
+from deepcuts.audio.decode import MelParams, RejectedAudio
+from deepcuts.core.config import Config, ConfigError
+from deepcuts.core.spark import files_holding, python_worker_setup, read_table, warehouse, write_table
+from deepcuts.core.tables import INGEST_REJECTS, MELS
 
 log = logging.getLogger(__name__)
 
