@@ -138,7 +138,7 @@ def main() -> int:
           f"mAP@{args.k} {imp_map:.4f}, AUC {imp_auc:.4f}", flush=True)
 
     # --- Spark ---------------------------------------------------------------------------
-    from deepcuts.stages.factors import rating_column
+    from deepcuts.cf.plays import rating_column
     from deepcuts.core.spark import get_session
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(overrides={"warehouse.root": tmp, "spark.checkpoint_dir": tmp + "/ckpt", **fc_dict})

@@ -29,12 +29,30 @@ fi
 
 stamp=.venv/.deepcuts-deps
 want=$(cat requirements.txt requirements-test.txt setup.py | sha1sum | cut -c1-40)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "bootstrap: installing the pinned stack into .venv (a few minutes the first time)" >&2
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip check
+  echo "$want" > "$stamp"
 fi
-echo "bootstrap: installing the pinned stack into .venv (a few minutes the first time)" >&2
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/python -m pip check
-echo "$want" > "$stamp"
+
+# JVM packages (Delta Lake, s3a) from Maven Central, once: Spark's own Ivy resolves them and
+# their dependencies; the jars land in .venv/jars (spark-submit.sh passes them as --jars).
+jar_stamp=.venv/jars/.packages
+packages=$(grep -v '^#' conf/jvm-packages.txt | sed '/^\s*$/d' | paste -sd, -)
+if [ ! -f "$jar_stamp" ] || [ "$(cat "$jar_stamp")" != "$packages" ]; then
+  echo "bootstrap: fetching JVM packages $packages" >&2
+  rm -rf .venv/jars .venv/ivy/jars && mkdir -p .venv/jars
+  noop=$(mktemp --suffix=.py) && echo 'pass' > "$noop"
+  if ! PYSPARK_PYTHON=.venv/bin/python PATH="$PWD/.venv/bin:$PATH" .venv/bin/spark-submit --master 'local[1]' \
+        --conf spark.jars.ivy="$PWD/.venv/ivy" --packages "$packages" "$noop" >.venv/ivy-resolve.log 2>&1; then
+    echo "bootstrap: Ivy could not resolve $packages from Maven Central (see .venv/ivy-resolve.log)" >&2
+    rm -f "$noop"; exit 1
+  fi
+  rm -f "$noop"
+  cp .venv/ivy/jars/*.jar .venv/jars/ 2>/dev/null || true
+  ls .venv/jars/*.jar >/dev/null
+  echo "$packages" > "$jar_stamp"
+fi

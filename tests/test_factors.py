@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_config
 from deepcuts.cf import plays as P
-from deepcuts.stages.factors import rating_column, run
+from deepcuts.cf.plays import rating_column
+from deepcuts.stages.factors import run
 from deepcuts.core.spark import warehouse
 from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                              USER_FACTORS, USER_INDEX)

@@ -1,14 +1,25 @@
-"""``python -m deepcuts COMMAND``: the jobs without spark-submit, plus operator helpers."""
+"""``python -m deepcuts COMMAND``: the jobs without spark-submit, plus operator and analyst helpers."""
 import sys
 
-from deepcuts.core.cli import STAGES, main, tables_main
+from deepcuts.core.cli import main
+from deepcuts.core.registry import STAGES
+
+# command -> "module:function" taking argv (helpers that are not stages).
+COMMANDS = {
+    "tables": "deepcuts.core.cli:tables_main",
+    "sql": "deepcuts.core.catalog:sql_main",
+    "demo-catalogue": "deepcuts.core.cli:demo_catalogue_main",
+    "similar": "deepcuts.knn.query:similar_main",
+}
 
 USAGE = f"""usage: python -m deepcuts COMMAND [args]
 
 commands:
   pipeline | {' | '.join(STAGES)}    run a job (same flags as spark-submit.sh JOB)
-  demo-catalogue                 alias of `demo`: generate the demo catalogue and play counts
-  tables                         list the committed warehouse tables
+  tables                         list the Delta tables (version, rows, files, size)
+  sql "SELECT ..."               Spark SQL over deepcuts.<table> (time travel: deepcuts.<table>@v<N>)
+  demo-catalogue                 render the demo catalogue and play counts (run-demo.sh)
+  similar FILE... [--k K] [--json]  query by audio: the catalogue tracks that sound most like FILE
 """
 
 
@@ -17,10 +28,10 @@ def run(argv: list[str]) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "tables":
-        return tables_main(rest)
-    if command == "demo-catalogue":
-        command = "demo"
+    if command in COMMANDS:
+        import importlib
+        module, func = COMMANDS[command].split(":")
+        return getattr(importlib.import_module(module), func)(rest)
     if command in STAGES or command == "pipeline":
         return main(command, rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -125,6 +125,13 @@ def confidence(plays: np.ndarray | float, alpha: float, epsilon: float) -> np.nd
     return 1.0 + alpha * confidence_rating(plays, epsilon)
 
 
+def rating_column(plays_col, epsilon: float):
+    """Spark's twin of :func:`confidence_rating`: ``log(1 + plays / epsilon)`` (the rating
+    Spark ALS turns into the confidence ``1 + alpha * rating``)."""
+    from pyspark.sql import functions as F
+    return F.log1p(plays_col / F.lit(float(epsilon)))
+
+
 def list_plays_files(path: str) -> list[str]:
     """The .parquet/.csv files at ``path`` (a file, or a folder searched recursively)."""
     import pyarrow.fs as pafs

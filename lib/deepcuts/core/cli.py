@@ -1,53 +1,47 @@
 """Command-line wiring shared by the jobs: arguments, config, logging, the run summary.
 
-Every stage is a function ``run(spark, cfg, run_id) -> dict`` (its summary) registered
-in ``STAGES``; ``jobs/<stage>.py`` is just ``main("<stage>")``.  The ``pipeline`` job runs
-the nightly sequence in one Spark application.
+Every stage is registered in :mod:`deepcuts.core.registry` with the tables it reads and
+writes; ``jobs/<stage>.py`` is just ``main("<stage>")``.  The ``pipeline`` job runs the
+nightly sequence in one Spark application.  Each stage run gets a :class:`StageRun`
+context and leaves a manifest row in the ``runs`` table.
+
+Exit codes: 0 ok, 2 configuration error, 1 a stage failed.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 import time
-from typing import Callable, Sequence
+import traceback
+from typing import Sequence
 
 from deepcuts.core.config import ConfigError, load_config
+from deepcuts.core.registry import NIGHTLY, STAGES
 
 log = logging.getLogger("deepcuts")
 
-# stage name -> "module:function"; each function is run(spark, cfg, run_id) -> summary dict.
-STAGES: dict[str, str] = {
-    "demo": "deepcuts.demo.generate:run_stage",
-    "ingest": "deepcuts.stages.ingest:run",
-    "factors": "deepcuts.stages.factors:run",
-    "train": "deepcuts.stages.train:run",
-    "infer": "deepcuts.stages.infer:run",
-}
-# The nightly order; `demo` only runs in the pipeline when its data is missing.
-PIPELINE = ("demo", "ingest", "factors", "train", "infer")
-NEEDS_NO_SPARK = {"demo"}
-
-
-def stage_function(name: str) -> Callable:
-    module, func = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), func)
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def parse_args(job: str, argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"spark-submit.sh {job}",
                                 description=f"deepcuts {job} job (defaults: conf/deepcuts.toml)")
-    p.add_argument("--conf-file", help="a TOML file layered over conf/deepcuts.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable)")
-    p.add_argument("--stages", default=",".join(PIPELINE),
+    add_config_args(p)
+    p.add_argument("--stages", default=",".join(NIGHTLY),
                    help="pipeline only: comma-separated stages to run, in order")
+    p.add_argument("--summary-json", metavar="FILE", help="also write every stage's summary to FILE as JSON")
     return p.parse_args(argv)
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf-file", help="a TOML file layered over conf/deepcuts.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+
+
+def overrides(pairs: Sequence[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -55,6 +49,10 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--set {pair!r}: expected section.key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.conf_file, overrides(args.overrides))
 
 
 def setup_logging() -> None:
@@ -75,60 +73,102 @@ def print_summary(stage: str, summary: dict, seconds: float) -> None:
     sys.stdout.flush()
 
 
+def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None) -> dict:
+    """Run one registered stage with its context; record its manifest (also on failure)."""
+    from deepcuts.core.runs import FAILED, SUCCEEDED, StageRun, rejects_of
+    from deepcuts.core.storage import new_run_id
+    stage = STAGES[name]
+    ctx = StageRun(spark, cfg, stage, new_run_id(f"{name}-"), pipeline_run_id)
+    started = time.time()
+    log.info("stage %s: run %s", name, ctx.run_id)
+    try:
+        summary = stage.function_ref()(ctx)
+        ctx.maintain()
+    except BaseException as exc:
+        ctx.record(FAILED, started, None, error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    ctx.rejects = rejects_of(summary)
+    summary = {"run_id": ctx.run_id, **summary,
+               "tables": {t: str(v) for t, v in ctx.written.items()} or "none written"}
+    ctx.record(SUCCEEDED, started, summary)
+    print_summary(name, summary, time.time() - started)
+    return summary
+
+
 def main(job: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jobs/<job>.py``: exits 2 on a config error, 1 on a failed stage."""
-    from deepcuts.core.warehouse import new_run_id
+    from deepcuts.core.storage import new_run_id
     setup_logging()
     args = parse_args(job, argv)
     try:
-        cfg = load_config(args.conf_file, _overrides(args.overrides))
+        cfg = config_from_args(args)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if job == "pipeline" else [job]
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise ConfigError(f"unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
     except ConfigError as exc:
         print(f"deepcuts {job}: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    pipeline_run_id = new_run_id("pipeline-") if job == "pipeline" else None
+    results: dict = {}
+    code = EXIT_OK
     spark = None
-    results = {}
     try:
+        from deepcuts.core.spark import get_session
+        spark = get_session(cfg, f"{cfg.spark.app_name}-{job}")
+        spark.sparkContext.setLogLevel("WARN")
         for stage in stages:
-            if job == "pipeline" and stage == "demo":
-                from deepcuts.demo.generate import demo_data_present
-                if demo_data_present(cfg):
-                    log.info("demo catalogue present in %s: not regenerated", cfg.demo.out_dir)
-                    continue
-            if spark is None and stage not in NEEDS_NO_SPARK:
-                from deepcuts.core.spark import get_session
-                spark = get_session(cfg, f"{cfg.spark.app_name}-{job}")
-                spark.sparkContext.setLogLevel("WARN")
-            run_id = new_run_id(f"{stage}-")
-            started = time.time()
-            log.info("stage %s: run %s", stage, run_id)
-            summary = stage_function(stage)(spark, cfg, run_id)
-            results[stage] = summary
-            print_summary(stage, {"run_id": run_id, **summary}, time.time() - started)
+            results[stage] = run_stage(spark, cfg, stage, pipeline_run_id)
     except ConfigError as exc:
         print(f"deepcuts {job}: configuration error: {exc}", file=sys.stderr)
-        return 2
+        code = EXIT_CONFIG
+    except Exception as exc:  # noqa: BLE001 - the operator gets one line, the log the traceback
+        log.error("stage failed:\n%s", traceback.format_exc())
+        print(f"deepcuts {job}: stage failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        code = EXIT_FAILED
     finally:
         if spark is not None:
             spark.stop()
-    return 0
+        if args.summary_json:
+            with open(args.summary_json, "w") as fh:
+                json.dump({"exit_code": code, "stages": results}, fh, indent=1, default=str)
+    return code
 
 
 def tables_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deepcuts tables``: the committed tables and where their files are."""
-    from deepcuts.core.spark import warehouse
+    """``python -m deepcuts tables``: every Delta table with its version, rows, files, size."""
+    from deepcuts.core.lake import lake
     p = argparse.ArgumentParser(prog="deepcuts tables")
-    p.add_argument("--conf-file")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    add_config_args(p)
     p.add_argument("--files", action="store_true", help="print every data file of every table")
     args = p.parse_args(argv)
-    wh = warehouse(load_config(args.conf_file, _overrides(args.overrides)))
-    for row in wh.describe():
+    lk = lake(config_from_args(args))
+    for row in lk.describe():
         print(json.dumps(row))
         if args.files:
-            for f in wh.files(row["table"], local=True):
+            for f in lk.files(row["table"]):
                 print("   ", f)
     return 0
+
+
+def demo_catalogue_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deepcuts demo-catalogue``: render the demo catalogue and play counts
+    (``run-demo.sh`` only; never part of the nightly job).  Skipped when present."""
+    from deepcuts.demo.generate import demo_data_present, generate
+    setup_logging()
+    p = argparse.ArgumentParser(prog="deepcuts demo-catalogue")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="render again even if present")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"deepcuts demo-catalogue: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if demo_data_present(cfg) and not args.force:
+        print(f"demo catalogue present in {cfg.demo.out_dir}: not regenerated (--force to redo)")
+        return EXIT_OK
+    started = time.time()
+    print_summary("demo-catalogue", generate(cfg.demo), time.time() - started)
+    return EXIT_OK

@@ -34,8 +34,12 @@ def rule(*, choices: Iterable[Any] | None = None, min: float | None = None,
 
 @dataclass(frozen=True)
 class WarehouseConf:
-    root: str = rule(doc="local path or s3://bucket/prefix under which every table lives")
-    keep_snapshots: int = rule(min=1, doc="committed snapshots kept per table before vacuum")
+    root: str = rule(doc="local path or s3://bucket/prefix under which every (Delta) table lives")
+    retention_hours: int = rule(min=0, doc="time-travel window: VACUUM keeps files of versions this recent")
+    vacuum_interval_hours: int = rule(min=0, doc="VACUUM a table a stage wrote at most this often")
+    compact_min_files: int = rule(min=2, doc="OPTIMIZE a table once it holds this many small files")
+    small_file_mb: int = rule(min=1, doc="a data file under this size counts as small")
+    commit_retries: int = rule(min=0, doc="retries of a merge/append that lost a concurrent commit")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class IngestConf:
     rows_per_file: int = rule(min=1)
     partitions: int = rule(min=0, doc="decode tasks; 0 = 4 x default parallelism")
     on_missing: str = rule(choices=("keep", "drop"), doc="what to do with mels whose source vanished")
+    truncation_tolerance_s: float = rule(min=0.0, doc="decodable audio may end this much before the header's length")
+    truncation_tolerance_share: float = rule(min=0.0, max=0.5, doc="... or this share of it, whichever is more")
+    reject_truncated: bool = rule(doc="reject truncated files instead of ingesting what decodes, with a warning")
+    allowed_roots: list[str] = rule(doc="folders / s3:// prefixes sources may resolve into; [] = the source's own")
+    max_file_bytes: int = rule(min=1, doc="larger source files are rejected (too_large) before being read")
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,30 @@ class InferConf:
 
 
 @dataclass(frozen=True)
+class NeighboursConf:
+    k: int = rule(min=1, doc="similar tracks per track")
+    index: str = rule(choices=("flat", "ivf", "hnsw"), doc="exact IndexFlatIP, IVFFlat or HNSWFlat")
+    nlist: int = rule(min=1, doc="ivf: coarse cells")
+    nprobe: int = rule(min=1, doc="ivf: cells searched per query")
+    ivf_train_rows: int = rule(min=1, doc="ivf: sample the shared coarse quantiser is trained on")
+    hnsw_m: int = rule(min=2, doc="hnsw: graph degree")
+    ef_construction: int = rule(min=1, doc="hnsw: build beam")
+    ef_search: int = rule(min=1, doc="hnsw: search beam")
+    shards: int = rule(min=0, doc="catalogue shards; 0 = derived from the catalogue size")
+    shard_rows: int = rule(min=1, doc="derived shards hold at most this many tracks")
+    blocks: int = rule(min=0, doc="query blocks; 0 = derived from the queries and cores")
+    block_rows: int = rule(min=1, doc="derived blocks hold at most this many queries")
+    tasks_per_core: int = rule(min=1, doc="derived blocks: at least this many pair tasks per core")
+    min_recall: float = rule(min=0.0, max=1.0, doc="approximate recall@k under this fails the stage")
+    recall_sample: int = rule(min=0, doc="queries also searched exactly to measure recall")
+    sounds_like: bool = rule(doc="also neighbours over predicted_factors alone")
+    recommendations: bool = rule(doc="also user_recommendations (all tracks and cold-start only)")
+    top_n: int = rule(min=1, doc="recommendations per user and list")
+    keep_index_runs: int = rule(min=1, doc="persisted index runs kept under <warehouse>/indexes")
+    seed: int = rule(min=0)
+
+
+@dataclass(frozen=True)
 class Config:
     warehouse: WarehouseConf
     spark: SparkConf
@@ -158,6 +191,7 @@ class Config:
     factors: FactorsConf
     train: TrainConf
     infer: InferConf
+    neighbours: NeighboursConf
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides, validated like the file."""

@@ -16,14 +16,17 @@ class Table:
     schema: pa.Schema
     key: tuple[str, ...]
     doc: str
+    # Columns an analyst looks rows up by: writes are sorted by them and OPTIMIZE Z-orders them.
+    cluster_by: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
         return self.schema.names
 
 
-def _table(name: str, key: tuple[str, ...], doc: str, *fields: pa.Field) -> Table:
-    return Table(name, pa.schema(list(fields)), key, doc)
+def _table(name: str, key: tuple[str, ...], doc: str, *fields: pa.Field,
+           cluster_by: tuple[str, ...] = ()) -> Table:
+    return Table(name, pa.schema(list(fields)), key, doc, cluster_by)
 
 
 F = pa.field
@@ -46,6 +49,7 @@ MELS = _table(
     F("source_version", pa.string(), nullable=False),
     F("labels", pa.string()),
     F("ingest_run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
 )
 
 INGEST_REJECTS = _table(
@@ -139,6 +143,7 @@ PREDICTED_FACTORS = _table(
     F("fingerprint", pa.string(), nullable=False),
     F("model_id", pa.string(), nullable=False),
     F("run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
 )
 
 SERVING_FACTORS = _table(
@@ -149,6 +154,7 @@ SERVING_FACTORS = _table(
     F("source", pa.string(), nullable=False),
     F("model_id", pa.string()),
     F("run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
 )
 
 INFER_REJECTS = _table(
@@ -211,11 +217,174 @@ TRAIN_METRICS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
+RUNS = _table(
+    "runs", ("run_id",),
+    "The run manifest: one row per stage run (appended when it ends), with the Delta version of "
+    "every table it read and wrote. A stage reads each input at the version the latest succeeded "
+    "run wrote, so tables of two runs are never mixed.",
+    F("run_id", pa.string(), nullable=False),
+    F("stage", pa.string(), nullable=False),
+    F("status", pa.string(), nullable=False),          # succeeded | failed | skipped
+    F("pipeline_run_id", pa.string()),                 # the nightly/pipeline invocation it belonged to
+    F("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    F("ended_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    F("duration_s", pa.float64(), nullable=False),
+    F("config_hash", pa.string(), nullable=False),
+    F("code_version", pa.string(), nullable=False),
+    F("tables_read", pa.map_(pa.string(), pa.int64())),
+    F("tables_written", pa.map_(pa.string(), pa.int64())),
+    F("rows_written", pa.map_(pa.string(), pa.int64())),
+    F("rejects", pa.map_(pa.string(), pa.int64())),    # rejected items by reason code
+    F("summary_json", pa.string()),                    # the stage's whole summary, as printed
+    F("error", pa.string()),
+)
+
 ALL_TABLES: dict[str, Table] = {t.name: t for t in (
     MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
     FACTOR_METRICS, EVAL_HOLDOUT, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS,
-    TRAIN_EXAMPLES, VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS)}
+    TRAIN_EXAMPLES, VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS, RUNS)}
 
+# --- evaluation and the MFCC baseline (issue 12) ------------------------------------------
+EVALUATION_RESULTS = _table(
+    "evaluation_results", ("run_id", "split", "predictor"),
+    "The paper's evaluation (van den Oord et al. 2013, sec. 5.2): one row per run/split/predictor. "
+    "Every predictor of one run is scored on the same user sample and the same candidates "
+    "(split 'cold': held-out tracks that have a mel; 'validation': the CNN's validation tracks; "
+    "'warm': the factors stage's CF check). Candidates a predictor has no vector for rank last.",
+    F("run_id", pa.string(), nullable=False),
+    F("split", pa.string(), nullable=False),
+    F("predictor", pa.string(), nullable=False),
+    F("map_at_k", pa.float64()),
+    F("auc", pa.float64()),
+    F("k", pa.int32()),
+    F("n_users", pa.int64()),                       # scored: >= 1 positive and >= 1 negative
+    F("n_users_skipped", pa.int64()),               # sampled, but no positive candidate or no negative
+    F("n_users_without_vector", pa.int64()),        # held-out users outside the published fit
+    F("n_candidates", pa.int64()),
+    F("n_candidates_without_vector", pa.int64()),   # this predictor had no vector: ranked last
+    F("n_positives", pa.int64()),
+    F("n_positives_without_vector", pa.int64()),    # held-out pairs whose track is no candidate (no mel)
+    F("model_id", pa.string()),                     # where the vectors came from: model id or run id
+    F("factors_run_id", pa.string()),               # the published ALS fit the users come from
+    F("max_users", pa.int64()),
+    F("seed", pa.int64()),
+)
+
+BASELINE_FACTORS = _table(
+    "baseline_factors", ("track_id",),
+    "The MFCC bag-of-words baseline's predicted factors (van den Oord et al. 2013, sec. 4.1) for "
+    "every track with a usable mel; in_fit marks the tracks its regression was fitted on.",
+    F("track_id", pa.string(), nullable=False),
+    F("factors", VECTOR, nullable=False),
+    F("in_fit", pa.bool_(), nullable=False),
+    F("run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
+)
+
+BASELINE_REJECTS = _table(
+    "baseline_rejects", ("track_id",),
+    "Tracks the MFCC baseline could not featurise, with a reason code.",
+    F("track_id", pa.string(), nullable=False),
+    F("reason", pa.string(), nullable=False),
+    F("detail", pa.string()),
+    F("run_id", pa.string(), nullable=False),
+)
+
+UPPER_BOUND_FACTORS = _table(
+    "upper_bound_factors", ("entity", "entity_id"),
+    "The cold-start protocol's upper bound: one WMF fit on all plays, cold tracks included; its user "
+    "(entity 'user') and track ('track') vectors, never mixed with another fit's. Empty when "
+    "factors.evaluate is false.",
+    F("entity", pa.string(), nullable=False),
+    F("entity_id", pa.string(), nullable=False),
+    F("factors", VECTOR, nullable=False),
+    F("run_id", pa.string(), nullable=False),
+)
+
+ALL_TABLES.update({t.name: t for t in (EVALUATION_RESULTS, BASELINE_FACTORS, BASELINE_REJECTS,
+                                       UPPER_BOUND_FACTORS)})
+
+
+# --- neighbours: similar tracks, recommendations, recall (issue 11) ---------------------------
+def _neighbours_table(name: str, doc: str) -> Table:
+    return _table(
+        name, ("track_id", "rank"), doc,
+        F("track_id", pa.string(), nullable=False),
+        F("rank", pa.int32(), nullable=False),              # 1 = the nearest
+        F("neighbour_id", pa.string(), nullable=False),
+        F("score", pa.float32(), nullable=False),           # cosine (inner product of unit vectors)
+        F("track_source", pa.string(), nullable=False),     # usage | audio: where each vector came from
+        F("neighbour_source", pa.string(), nullable=False),
+        F("model_id", pa.string()),                         # the audio model of this run's vectors
+        F("run_id", pa.string(), nullable=False),
+        cluster_by=("track_id",),
+    )
+
+
+SIMILAR_TRACKS = _neighbours_table(
+    "similar_tracks",
+    "The k nearest catalogue tracks of every track in serving_factors (cosine; the track itself "
+    "excluded; equal scores ordered by neighbour_id). Clustered by track_id: one track's lookup "
+    "reads a small part of the table.")
+
+SOUNDS_LIKE = _neighbours_table(
+    "sounds_like",
+    "Like similar_tracks, over predicted_factors alone: the neighbours by audio content only "
+    "(both sources are 'audio').")
+
+USER_RECOMMENDATIONS = _table(
+    "user_recommendations", ("user_id", "list", "rank"),
+    "For every user with factors, the top-N tracks by x_u . y_i among tracks the user never played: "
+    "list 'all' (every serving track) and 'cold' (tracks whose serving vector came from audio).",
+    F("user_id", pa.string(), nullable=False),
+    F("list", pa.string(), nullable=False),                 # all | cold
+    F("rank", pa.int32(), nullable=False),
+    F("track_id", pa.string(), nullable=False),
+    F("score", pa.float32(), nullable=False),               # raw inner product of ALS-scale vectors
+    F("source", pa.string(), nullable=False),               # the track's serving source: usage | audio
+    F("run_id", pa.string(), nullable=False),
+    cluster_by=("user_id",),
+)
+
+NEIGHBOUR_METRICS = _table(
+    "neighbour_metrics", ("run_id", "table", "list"),
+    "One row per neighbours run, output table and list: the index, its measured recall@k against "
+    "exact search on a hash sample of queries (1.0 by construction for index 'flat'), sizes, "
+    "timings, and the share of audio-sourced neighbours.",
+    F("run_id", pa.string(), nullable=False),
+    F("table", pa.string(), nullable=False),
+    F("list", pa.string(), nullable=False),
+    F("index_type", pa.string(), nullable=False),
+    F("k", pa.int32(), nullable=False),
+    F("recall_at_k", pa.float64()),
+    F("n_queries", pa.int64()),
+    F("n_queries_sampled", pa.int64()),
+    F("n_items", pa.int64()),
+    F("shards", pa.int32()),
+    F("blocks", pa.int32()),
+    F("nlist", pa.int32()),
+    F("nprobe", pa.int32()),
+    F("hnsw_m", pa.int32()),
+    F("ef_search", pa.int32()),
+    F("build_seconds", pa.float64()),
+    F("search_seconds", pa.float64()),
+    F("seconds", pa.float64()),                             # the table's whole share of the run
+    F("audio_share", pa.float64()),                         # share of neighbours with source 'audio'
+    F("model_id", pa.string()),
+)
+
+NEIGHBOUR_REJECTS = _table(
+    "neighbour_rejects", ("table", "id"),
+    "Vectors the neighbours stage left out (of the table it was building), with a reason code.",
+    F("table", pa.string(), nullable=False),
+    F("id", pa.string(), nullable=False),
+    F("reason", pa.string(), nullable=False),
+    F("detail", pa.string()),
+    F("run_id", pa.string(), nullable=False),
+)
+
+ALL_TABLES.update({t.name: t for t in (SIMILAR_TRACKS, SOUNDS_LIKE, USER_RECOMMENDATIONS,
+                                       NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS)})
 
 def spark_schema(table: Table):
     """The Spark StructType of ``table`` (imported lazily: pure code needs no pyspark)."""

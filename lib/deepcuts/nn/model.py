@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deepcuts.core.warehouse import read_bytes, write_bytes_atomic
+from deepcuts.core.storage import read_bytes, write_bytes_atomic
 
 MODELS_DIR = "models"
 LATEST = "LATEST"
@@ -144,17 +144,17 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 # --- the artifact -------------------------------------------------------------------------
-def _models_path(wh, *parts: str) -> str:
-    return wh.local_path(MODELS_DIR, *parts)
+def _models_path(lk, *parts: str) -> str:
+    return lk.path(MODELS_DIR, *parts)
 
 
-def model_dir(wh, model_id: str) -> str:
+def model_dir(lk, model_id: str) -> str:
     """``<root>/models/<model_id>`` (a filesystem path, or ``s3://...`` on S3)."""
-    return _models_path(wh, model_id)
+    return _models_path(lk, model_id)
 
 
-def latest_model_id(wh) -> str | None:
-    data = read_bytes(_models_path(wh, LATEST))
+def latest_model_id(lk) -> str | None:
+    data = read_bytes(_models_path(lk, LATEST))
     return data.decode().strip() or None if data is not None else None
 
 
@@ -170,7 +170,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save_artifact(wh, model_id: str, model: FactorCNN, meta: Mapping[str, Any], publish: bool = True) -> str:
+def save_artifact(lk, model_id: str, model: FactorCNN, meta: Mapping[str, Any], publish: bool = True) -> str:
     """Write weights then meta (with the weights' checksum), then (``publish``) point LATEST at
     the model; the train stage publishes only after evaluating the saved artifact."""
     required = ("target", "n_mels", "out_dim", "train", "mel_mean", "mel_std", "crop_frames")
@@ -180,13 +180,13 @@ def save_artifact(wh, model_id: str, model: FactorCNN, meta: Mapping[str, Any], 
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     weights = buf.getvalue()
-    folder = model_dir(wh, model_id)
+    folder = model_dir(lk, model_id)
     write_bytes_atomic(posixpath.join(folder, WEIGHTS_FILE), weights)
     full_meta = {**_jsonable(dict(meta)), "model_id": model_id, "format": ARTIFACT_FORMAT,
                  "weights_sha256": hashlib.sha256(weights).hexdigest(), "weights_bytes": len(weights)}
     write_bytes_atomic(posixpath.join(folder, META_FILE), json.dumps(full_meta, indent=1).encode())
     if publish:
-        write_bytes_atomic(_models_path(wh, LATEST), model_id.encode())
+        write_bytes_atomic(_models_path(lk, LATEST), model_id.encode())
     return folder
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from deepcuts.core.config import Config
 from deepcuts.nn.model import frames_for_seconds
-from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.lake import Lake
 from deepcuts.core.tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
                      VALIDATION_EXAMPLES)
 
@@ -79,18 +79,15 @@ def is_validation_bucket(bucket: int, validation_fraction: float) -> bool:
     return bucket < int(round(validation_fraction * HASH_BUCKETS))
 
 
-def _table_version(wh, name: str) -> list | None:
-    snap = wh.snapshot(name)
-    return None if snap is None else [snap.run_id, snap.version]
-
-
-def inputs_fingerprint(cfg: Config, wh) -> tuple[str, dict]:
-    """Everything that shapes the examples: input table versions and the relevant keys."""
+def inputs_fingerprint(ctx) -> tuple[str, dict]:
+    """Everything that shapes the examples: the pinned input table versions ([run id,
+    Delta version]) and the relevant keys."""
+    cfg = ctx.cfg
     t = cfg.train
     inputs = {
-        "mels": _table_version(wh, MELS.name),
-        "track_factors": _table_version(wh, TRACK_FACTORS.name) if t.target == "factors" else None,
-        "eval_holdout": _table_version(wh, COLD_HOLDOUT_TABLE),
+        "mels": ctx.version_info(MELS),
+        "track_factors": ctx.version_info(TRACK_FACTORS) if t.target == "factors" else None,
+        "eval_holdout": ctx.version_info(ALL_TABLES[COLD_HOLDOUT_TABLE]),
         "target": t.target, "seed": t.seed, "validation_fraction": t.validation_fraction,
         "crop_frames": crop_frames_for(cfg), "n_mels": cfg.ingest.n_mels,
         "sample_rate": cfg.ingest.sample_rate, "hop_length": cfg.ingest.hop_length,
@@ -100,25 +97,27 @@ def inputs_fingerprint(cfg: Config, wh) -> tuple[str, dict]:
     if uses_wpe(cfg):
         # Only added for wpe, so the fingerprints of existing mse sets stay valid.
         fc = cfg.factors
-        inputs.update(loss="wpe", user_factors=_table_version(wh, USER_FACTORS.name), plays=fc.plays,
+        inputs.update(loss="wpe", user_factors=ctx.version_info(USER_FACTORS), plays=fc.plays,
                       plays_format=fc.plays_format, alpha=fc.alpha, epsilon=fc.epsilon, wpe_ridge=WPE_RIDGE)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return digest, inputs
 
 
-def committed_training_set(cfg: Config, fingerprint: str | None = None) -> TrainingSet | None:
-    """The committed training set, if both splits come from one build (and match ``fingerprint``)."""
-    wh = warehouse(cfg)
-    train_snap, val_snap = wh.snapshot(TRAIN_EXAMPLES.name), wh.snapshot(VALIDATION_EXAMPLES.name)
-    if train_snap is None or val_snap is None or train_snap.run_id != val_snap.run_id:
+def committed_training_set(lk: Lake, fingerprint: str | None = None) -> TrainingSet | None:
+    """The committed training set, if both splits come from one build (and match
+    ``fingerprint``).  Its files are the Delta snapshot's file list, never a glob."""
+    train_meta = lk.commit_metadata(TRAIN_EXAMPLES.name)
+    val_meta = lk.commit_metadata(VALIDATION_EXAMPLES.name)
+    if not train_meta or not val_meta or train_meta.get("run_id") != val_meta.get("run_id"):
         return None
-    s = train_snap.summary
-    if fingerprint is not None and s.get("fingerprint") != fingerprint:
+    s = train_meta.get("training_set")
+    if not s or (fingerprint is not None and s.get("fingerprint") != fingerprint):
         return None
     return TrainingSet(
-        run_id=train_snap.run_id, train_rows=train_snap.rows, validation_rows=val_snap.rows,
-        train_files=wh.files(TRAIN_EXAMPLES.name, local=True),
-        validation_files=wh.files(VALIDATION_EXAMPLES.name, local=True),
+        run_id=train_meta["run_id"], train_rows=lk.file_stats(TRAIN_EXAMPLES.name)[0],
+        validation_rows=lk.file_stats(VALIDATION_EXAMPLES.name)[0],
+        train_files=lk.files(TRAIN_EXAMPLES.name),
+        validation_files=lk.files(VALIDATION_EXAMPLES.name),
         target=s["target"], out_dim=int(s["out_dim"]), n_mels=int(s["n_mels"]),
         crop_frames=int(s["crop_frames"]), source_run_id=s["source_run_id"],
         label_names=list(s.get("label_names", [])), fingerprint=s["fingerprint"], summary=s,
@@ -165,16 +164,16 @@ def partial_gram(batches):
         yield pd.DataFrame({"gram": [gram.ravel()], "n": [rows]})
 
 
-def wpe_statistics_frame(spark, cfg: Config, wh, track_ids_df):
+def wpe_statistics_frame(ctx, track_ids_df):
     """(track_id, target, target_weight, wpe_listeners) for the tracks of ``track_ids_df``,
     plus {"n_users", "rank"}.  Plays are read and validated the way the factors stage reads
     them; only X^T X (rank^2 numbers) ever reaches the driver."""
     import pandas as pd
     from pyspark.sql import functions as F
-    from deepcuts.stages.factors import rating_column
+    from deepcuts.cf.plays import rating_column
     from deepcuts.cf.plays import aggregate_pairs, read_raw_plays, validate_plays
-    fc = cfg.factors
-    users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
+    spark, fc = ctx.spark, ctx.cfg.factors
+    users = ctx.read(USER_FACTORS).select("user_id", "factors")
     partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()
     n_users = sum(int(r["n"]) for r in partials)
     if n_users == 0:
@@ -204,23 +203,23 @@ def wpe_statistics_frame(spark, cfg: Config, wh, track_ids_df):
     return stats, {"n_users": n_users, "rank": rank}
 
 
-def build_training_set(spark, cfg: Config, run_id: str) -> TrainingSet:
+def build_training_set(ctx) -> TrainingSet:
     """Join, split, reject and materialise; reuse the committed set when its inputs are unchanged."""
     persisted: list = []
     try:
-        return _build_training_set(spark, cfg, run_id, persisted)
+        return _build_training_set(ctx, persisted)
     finally:
         for df in persisted:
             df.unpersist()
 
 
-def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> TrainingSet:
+def _build_training_set(ctx, persisted: list) -> TrainingSet:
     from pyspark.sql import functions as F
 
-    wh = warehouse(cfg)
+    spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     t = cfg.train
-    fingerprint, inputs = inputs_fingerprint(cfg, wh)
-    existing = committed_training_set(cfg, fingerprint)
+    fingerprint, inputs = inputs_fingerprint(ctx)
+    existing = committed_training_set(ctx.lake, fingerprint)
     if existing is not None:
         log.info("training set %s is up to date with its inputs: reused", existing.run_id)
         return existing
@@ -229,7 +228,7 @@ def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> Tra
     crop_frames = crop_frames_for(cfg)
     n_mels = cfg.ingest.n_mels
 
-    mels = read_table(spark, wh, MELS).select(
+    mels = ctx.read(MELS).select(
         "track_id", "mel", "n_mels", "n_frames", "sample_rate", "hop_length", "labels", "ingest_run_id")
     reason = (F.when(F.length("mel") != F.col("n_mels") * F.col("n_frames") * 2, F.lit(BAD_MEL_BYTES))
               .when(F.col("n_mels") != n_mels, F.lit(WRONG_N_MELS))
@@ -243,7 +242,7 @@ def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> Tra
 
     cold_tracks = None
     if inputs["eval_holdout"] is not None and COLD_HOLDOUT_TABLE in ALL_TABLES:
-        cold_tracks = (read_table(spark, wh, ALL_TABLES[COLD_HOLDOUT_TABLE])
+        cold_tracks = (ctx.read(ALL_TABLES[COLD_HOLDOUT_TABLE])
                        .where(F.col("split") == "cold").select("track_id").distinct())
 
     label_names: list[str] = []
@@ -252,13 +251,13 @@ def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> Tra
             raise RuntimeError("table track_factors is empty: run the factors stage first "
                                "(or set train.target = \"labels\")")
         source_run_id = inputs["track_factors"][0]
-        factors = read_table(spark, wh, TRACK_FACTORS).select(
+        factors = ctx.read(TRACK_FACTORS).select(
             "track_id", F.col("factors_unit").alias("target"))
         if cold_tracks is not None:
             factors = factors.join(cold_tracks, "track_id", "left_anti")
         if uses_wpe(cfg):
             # The WPE target y*_i replaces the unit factors; target_weight carries A_i's factor.
-            wpe_stats, wpe_info = wpe_statistics_frame(spark, cfg, wh, factors)
+            wpe_stats, wpe_info = wpe_statistics_frame(ctx, factors)
             wpe_stats = wpe_stats.persist()   # written three times below (train, validation, rejects)
             persisted.append(wpe_stats)
             factors = factors.select("track_id").join(wpe_stats, "track_id", "left")
@@ -318,26 +317,26 @@ def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> Tra
                 .withColumn("source_run_id", F.lit(source_run_id)).withColumn("run_id", F.lit(run_id)))
 
     # Row groups of ~rows_per_row_group mels: Petastorm yields one batch per row group.
-    avg_bytes = read_table(spark, wh, MELS).select(F.avg(F.col("n_mels") * F.col("n_frames") * 2)).first()[0]
+    avg_bytes = ctx.read(MELS).select(F.avg(F.col("n_mels") * F.col("n_frames") * 2)).first()[0]
     # Deterministic shuffle of the rows across files and within them (row groups get mixed tracks).
     order = F.xxhash64(F.col("track_id"), F.lit(t.seed + 1))
     parts = cfg.spark.shuffle_partitions
 
     def write(table, rows_df):
         shuffled = rows_df.repartition(parts, order).sortWithinPartitions(order)
-        return write_table(shuffled, wh, table, run_id, rows_per_file=t.rows_per_file,
-                           row_group_rows=t.rows_per_row_group, row_bytes=int(avg_bytes or 1),
-                           summary=snapshot_summary)
+        return ctx.write(shuffled, table, metadata={"training_set": snapshot_summary},
+                         rows_per_file=t.rows_per_file, row_group_rows=t.rows_per_row_group,
+                         row_bytes=int(avg_bytes or 1))
 
     rejects = joined.where(F.col("reason").isNotNull()).select(
         "track_id", "reason", "detail", F.lit(run_id).alias("run_id"))
-    reject_snap = write_table(rejects.coalesce(1), wh, TRAIN_REJECTS, run_id)
+    reject_committed = ctx.write(rejects.coalesce(1), TRAIN_REJECTS)
     reject_counts = {r["reason"]: r["count"] for r in
-                     read_table(spark, wh, TRAIN_REJECTS).groupBy("reason").count().collect()}
+                     ctx.read(TRAIN_REJECTS).groupBy("reason").count().collect()}
     snapshot_summary = {"fingerprint": fingerprint, "inputs": inputs, "target": t.target,
                         "out_dim": out_dim, "n_mels": n_mels, "crop_frames": crop_frames,
                         "source_run_id": source_run_id, "label_names": label_names,
-                        "rejects": reject_counts, "rejects_total": reject_snap.rows,
+                        "rejects": reject_counts, "rejects_total": reject_committed.rows,
                         "loss": "wpe" if wpe_info else "mse"}
     if wpe_info:
         # target_weight = chol(A_i) / sqrt(n_users): the loss is WPE per user (see module docstring).
@@ -345,7 +344,7 @@ def _build_training_set(spark, cfg: Config, run_id: str, persisted: list) -> Tra
                                    "alpha": cfg.factors.alpha, "epsilon": cfg.factors.epsilon}
     write(TRAIN_EXAMPLES, examples.where(~F.col("is_validation")))
     write(VALIDATION_EXAMPLES, examples.where(F.col("is_validation")))
-    built = committed_training_set(cfg, fingerprint)
+    built = committed_training_set(ctx.lake, fingerprint)
     if built is None:
         raise RuntimeError("training set was written but its two splits do not match; "
                            "another train job may be running against this warehouse")

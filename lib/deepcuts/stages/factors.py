@@ -35,9 +35,9 @@ import time
 
 from deepcuts.evaluation import metrics as ev
 from deepcuts.core.config import Config, FactorsConf
-from deepcuts.cf.plays import (aggregate_pairs, dense_index, flag_unknown_tracks, read_raw_plays,
-                    validate_plays)
-from deepcuts.core.spark import checkpoint_dir, read_table, warehouse, write_table
+from deepcuts.cf.plays import (aggregate_pairs, dense_index, flag_unknown_tracks, rating_column, read_raw_plays,
+                               validate_plays)
+from deepcuts.core.spark import checkpoint_dir
 from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                      TRACK_INDEX, USER_FACTORS, USER_INDEX)
 
@@ -46,12 +46,6 @@ log = logging.getLogger(__name__)
 UPPER_BOUND = "upper_bound"
 RANDOM = "random"
 ALS_PREDICTOR = "als"
-
-
-def rating_column(plays_col, epsilon: float):
-    """Spark's twin of ``plays.confidence_rating``: ``log(1 + plays / epsilon)``."""
-    from pyspark.sql import functions as F
-    return F.log1p(plays_col / F.lit(float(epsilon)))
 
 
 def num_blocks(spark, fc: FactorsConf) -> int:
@@ -146,11 +140,11 @@ def evaluate_protocol(spark, fc: FactorsConf, ratings, holdout, published_users,
     return results
 
 
-def run(spark, cfg: Config, run_id: str) -> dict:
+def run(ctx) -> dict:
     """The factors stage (see the module docstring); returns the operator's summary."""
     from pyspark.sql import functions as F
+    spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     fc = cfg.factors
-    wh = warehouse(cfg)
     spark.sparkContext.setCheckpointDir(checkpoint_dir(cfg))  # else ALS ignores checkpointInterval
     summary: dict = {}
     persisted = []
@@ -169,8 +163,8 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     try:
         validated = validate_plays(read_raw_plays(spark, fc.plays, fc.plays_format), fc.plays_format)
         if fc.unknown_tracks == "reject":
-            if wh.exists(MELS.name):
-                validated = flag_unknown_tracks(validated, read_table(spark, wh, MELS).select("track_id"))
+            if ctx.exists(MELS):
+                validated = flag_unknown_tracks(validated, ctx.read(MELS).select("track_id"))
                 summary["unknown_tracks"] = "rejected (checked against mels)"
             else:
                 summary["unknown_tracks"] = "KEPT: no committed mels table to check against"
@@ -214,13 +208,12 @@ def run(spark, cfg: Config, run_id: str) -> dict:
             "user_id", "track_id", F.col("plays_text").alias("plays"), "reason", F.lit(run_id).alias("run_id"))
 
         snaps = {
-            USER_FACTORS.name: write_table(user_factors, wh, USER_FACTORS, run_id),
-            TRACK_FACTORS.name: write_table(track_factors, wh, TRACK_FACTORS, run_id),
-            USER_INDEX.name: write_table(user_index, wh, USER_INDEX, run_id),
-            TRACK_INDEX.name: write_table(track_index, wh, TRACK_INDEX, run_id),
-            PLAYS_REJECTS.name: write_table(rejects, wh, PLAYS_REJECTS, run_id,
-                                            summary={"rejected_rows": summary["rejected_rows"]}),
-            EVAL_HOLDOUT.name: write_table(holdout, wh, EVAL_HOLDOUT, run_id),
+            USER_FACTORS.name: ctx.write(user_factors, USER_FACTORS),
+            TRACK_FACTORS.name: ctx.write(track_factors, TRACK_FACTORS),
+            USER_INDEX.name: ctx.write(user_index, USER_INDEX),
+            TRACK_INDEX.name: ctx.write(track_index, TRACK_INDEX),
+            PLAYS_REJECTS.name: ctx.write(rejects, PLAYS_REJECTS),
+            EVAL_HOLDOUT.name: ctx.write(holdout, EVAL_HOLDOUT),
         }
         summary["users_with_factors"] = snaps[USER_FACTORS.name].rows
         summary["tracks_with_factors"] = snaps[TRACK_FACTORS.name].rows
@@ -228,13 +221,12 @@ def run(spark, cfg: Config, run_id: str) -> dict:
         lap("write")
 
         if fc.evaluate:
-            published_users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
-            holdout_table = read_table(spark, wh, EVAL_HOLDOUT)
+            published_users = ctx.read(USER_FACTORS).select("user_id", "factors")
+            holdout_table = ctx.read(EVAL_HOLDOUT)
             results = evaluate_protocol(spark, fc, ratings, holdout_table, published_users,
                                         user_index, track_index)
             if results:
-                write_table(ev.metrics_frame(spark, results, run_id), wh, FACTOR_METRICS, run_id,
-                            replace=False, summary={"results": results})
+                ctx.write(ev.metrics_frame(spark, results, run_id), FACTOR_METRICS, mode="append")
                 print(ev.format_metrics_table(results), flush=True)
             summary["metrics"] = {f"{r['split']}/{r['predictor']}": _metric_line(r) for r in results}
         else:

@@ -208,7 +208,7 @@ def model_key(artifact_dir: str) -> str:
     so a folder rewritten under the same id is never mixed in."""
     import json
     from deepcuts.nn.model import META_FILE, ModelArtifactError
-    from deepcuts.core.warehouse import read_bytes
+    from deepcuts.core.storage import read_bytes
     data = read_bytes(posixpath.join(artifact_dir, META_FILE))
     try:
         return pinned_key(json.loads(data))
@@ -265,26 +265,46 @@ def worker_artifact(key: str, artifact_dir: str, device: str, precision: str):
 # --------------------------------------------------------------------------------------
 # Reading mels where they are stored
 # --------------------------------------------------------------------------------------
-def mel_locations(spark, wh):
-    """``track_id, fingerprint, mel_file, mel_row`` of every committed mel.
+LOCATIONS_SCHEMA = "track_id string, fingerprint string, mel_file string, mel_row long"
+
+
+def row_positions(files: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: for each mels data file, the row index of every track in it
+    (only the small ``track_id`` column is read)."""
+    import pyarrow.parquet as pq
+    from deepcuts.core.spark import python_worker_setup
+    from deepcuts.core.storage import filesystem_for, path_from_uri
+    python_worker_setup()
+    for batch in files:
+        for uri in batch["mel_file"]:
+            fs, path = filesystem_for(path_from_uri(uri))
+            with fs.open_input_file(path) as fh:
+                ids = pq.ParquetFile(fh).read(columns=["track_id"]).column("track_id").to_pylist()
+            yield pd.DataFrame({"mel_file": uri, "track_id": ids, "mel_row": np.arange(len(ids), dtype=np.int64)})
+
+
+def mel_locations(ctx):
+    """``track_id, fingerprint, mel_file, mel_row`` of every mel of the pinned ``mels`` version.
 
     Spark scans only these small columns; the scorers read the mels themselves from the
     files, so 330 kB per track never passes through the JVM, Arrow and pandas on the way
-    (that copy chain cost more than the forward pass)."""
+    (that copy chain cost more than the forward pass).  Delta exposes a row's file but not
+    its position, so one pass over the files' ``track_id`` columns finds the rows (tables
+    are written without deletion vectors: every row of a live file is live)."""
     from pyspark.sql import functions as F
-    from deepcuts.core.spark import read_table
-    if not wh.files(MELS.name):
-        return spark.createDataFrame([], "track_id string, fingerprint string, mel_file string, mel_row long")
-    return read_table(spark, wh, MELS).select(
-        "track_id", "fingerprint", F.col("_metadata.file_path").alias("mel_file"),
-        F.col("_metadata.row_index").alias("mel_row"))
+    if not ctx.exists(MELS):
+        return ctx.spark.createDataFrame([], LOCATIONS_SCHEMA)
+    keys = ctx.read(MELS, with_file=True).select("track_id", "fingerprint", F.col("_file").alias("mel_file"))
+    positions = keys.select("mel_file").distinct().mapInPandas(
+        row_positions, "mel_file string, track_id string, mel_row long")
+    return keys.join(positions, ["mel_file", "track_id"]).select("track_id", "fingerprint", "mel_file", "mel_row")
 
 
 def read_mel_rows(file_uri: str, rows: list[int]) -> Iterator[pa.Table]:
     """The MEL_INPUT_COLUMNS of ``rows`` (row indexes in the file) of one mels data file,
     one table per row group: only the row groups holding them are read."""
     import pyarrow.parquet as pq
-    from deepcuts.core.warehouse import filesystem_for, path_from_uri
+    from deepcuts.core.storage import filesystem_for, path_from_uri
     fs, path = filesystem_for(path_from_uri(file_uri))
     wanted = np.sort(np.asarray(rows, dtype=np.int64))
     with fs.open_input_file(path) as fh:
@@ -375,14 +395,14 @@ def score_locally(mels: pd.DataFrame, artifact, cfg: Config) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------
-def resolve_model(cfg: Config, wh) -> tuple[str, str]:
+def resolve_model(cfg: Config, lk) -> tuple[str, str]:
     """(model_id, model folder) of ``infer.model`` or of the latest model."""
     from deepcuts.nn.model import latest_model_id, model_dir
-    model_id = cfg.infer.model or latest_model_id(wh)
+    model_id = cfg.infer.model or latest_model_id(lk)
     if not model_id:
-        raise RuntimeError(f"no trained model under {wh.root}/models: run the train stage first "
+        raise RuntimeError(f"no trained model under {lk.root}/models: run the train stage first "
                            "(or set infer.model)")
-    return model_id, model_dir(wh, model_id)
+    return model_id, model_dir(lk, model_id)
 
 
 def audio_to_als_expr(column, meta: dict, scale: float | None):
@@ -421,16 +441,6 @@ def check_model_fits_factors(meta: dict, rank: int | None) -> None:
                            f"track_factors has rank {rank}: retrain the model on the current factors")
 
 
-def superseded_files(wh, existing, current_keys, model_id: str) -> list[str]:
-    """Data files of predicted_factors holding a row that no longer holds: its track left
-    ``mels``, its mel changed (fingerprint) or another model made it."""
-    from pyspark.sql import functions as F
-    from deepcuts.core.spark import files_holding
-    stale = existing.join(current_keys, ["track_id", "fingerprint"], "left_anti") \
-        .unionByName(existing.filter(F.col("model_id") != model_id))
-    return files_holding(wh, PREDICTED_FACTORS, stale)
-
-
 def median_als_norm(track_factors) -> float | None:
     """The median L2 norm of the ALS track vectors (the scale audio rows are served at)."""
     from pyspark.sql import functions as F
@@ -439,39 +449,33 @@ def median_als_norm(track_factors) -> float | None:
     return float(value) if value is not None else None
 
 
-def run(spark, cfg: Config, run_id: str) -> dict:
+def run(ctx) -> dict:
     """Score the catalogue (or its changes), then rebuild serving_factors."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from deepcuts.nn.model import load_artifact
-    from deepcuts.core.spark import read_table, warehouse, write_table
 
-    wh = warehouse(cfg)
-    model_id, artifact_dir = resolve_model(cfg, wh)
+    spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
+    model_id, artifact_dir = resolve_model(cfg, ctx.lake)
     meta = load_artifact(artifact_dir).meta   # a broken artifact stops here, before Spark work
-    track_factors = read_table(spark, wh, TRACK_FACTORS)
+    track_factors = ctx.read(TRACK_FACTORS)
     first = track_factors.select(F.size("factors").alias("rank")).first()
     check_model_fits_factors(meta, first["rank"] if first else None)
-    locations = mel_locations(spark, wh)
+    locations = mel_locations(ctx).persist(StorageLevel.MEMORY_AND_DISK)
     current_keys = locations.select("track_id", "fingerprint")
 
-    # Incremental: score only mels without a prediction by this model for this fingerprint,
-    # and rewrite only the files that hold superseded rows.
-    full = not cfg.infer.incremental or not wh.exists(PREDICTED_FACTORS.name)
-    removed: list[str] = []
-    if not full:
-        existing = read_table(spark, wh, PREDICTED_FACTORS, with_file=True)
-        removed = superseded_files(wh, existing, current_keys, model_id)
-        full = len(removed) == len(wh.snapshot(PREDICTED_FACTORS.name).files)
+    # Incremental: score only mels without a prediction by this model for this fingerprint;
+    # one MERGE upserts them and deletes the predictions of tracks that left ``mels``.
+    full = not cfg.infer.incremental or not ctx.exists(PREDICTED_FACTORS)
     if full:
-        to_score, carried, removed = locations, None, []
+        to_score, gone = locations, None
     else:
+        existing = ctx.read(PREDICTED_FACTORS)
         valid = existing.filter(F.col("model_id") == model_id) \
             .join(current_keys, ["track_id", "fingerprint"], "left_semi")
         to_score = locations.join(valid.select("track_id", "fingerprint"), ["track_id", "fingerprint"],
-                             "left_anti")
-        removed_uris = [wh.uri(PREDICTED_FACTORS.name, f) for f in removed]
-        carried = valid.filter(F.col("_file").isin(removed_uris)).select(*PREDICTED_FACTORS.columns)
+                                  "left_anti")
+        gone = existing.select("track_id").join(current_keys.select("track_id"), "track_id", "left_anti")
 
     scored = predict_vectors(spark, to_score, artifact_dir, cfg) \
         .withColumn("run_id", F.lit(run_id)).persist(StorageLevel.MEMORY_AND_DISK)
@@ -480,20 +484,20 @@ def run(spark, cfg: Config, run_id: str) -> dict:
                   .collect()}
         n_scored = counts.pop(None, 0)
         new_rows = scored.filter(F.col("reason").isNull()).select(*PREDICTED_FACTORS.columns)
-        if carried is not None:
-            new_rows = new_rows.unionByName(carried)
-        if full or n_scored or removed:
-            write_table(new_rows, wh, PREDICTED_FACTORS, run_id, replace=full, removed=removed,
-                        summary={"model_id": model_id, "scored": n_scored, "rejected": counts})
+        if full:
+            predicted = ctx.write(new_rows, PREDICTED_FACTORS)
+        else:
+            n_gone = gone.count()
+            predicted = ctx.merge(PREDICTED_FACTORS, new_rows, deletes=gone) if n_scored or n_gone else None
         # The current rejects: every unscored track is retried each run, so this run's
         # rejects are the complete list.
-        write_table(scored.filter(F.col("reason").isNotNull()), wh, INFER_REJECTS, run_id,
-                    replace=True, summary={"model_id": model_id, "rejected": counts})
+        ctx.write(scored.filter(F.col("reason").isNotNull()), INFER_REJECTS)
     finally:
         scored.unpersist()
 
-    serving = write_serving(spark, cfg, wh, run_id, model_id, meta, locations, track_factors)
-    n_mels = wh.snapshot(MELS.name).rows if wh.exists(MELS.name) else 0
+    serving = write_serving(ctx, model_id, meta, locations, track_factors)
+    n_mels = locations.count()
+    locations.unpersist()
     n_rejected = sum(counts.values())
     return {
         "model_id": model_id,
@@ -503,22 +507,19 @@ def run(spark, cfg: Config, run_id: str) -> dict:
         "scored": n_scored,
         "unchanged": n_mels - n_scored - n_rejected,
         "rejected": counts,
-        "rewritten_files": len(removed),
-        "predicted_rows": wh.snapshot(PREDICTED_FACTORS.name).rows
-        if wh.exists(PREDICTED_FACTORS.name) else 0,
+        "predicted_factors": str(predicted) if predicted else "unchanged",
         **serving,
     }
 
 
-def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict, locations,
-                  track_factors) -> dict:
+def write_serving(ctx, model_id: str, meta: dict, locations, track_factors) -> dict:
     """One row per catalogue track (every mel, plus ALS-only tracks): ALS factors with
     enough listeners, else the audio prediction rescaled to the ALS scale, else (no
-    usable audio) whatever ALS vector exists.  Rebuilt whole and committed in one swap,
-    so a new model replaces every audio row at once."""
+    usable audio) whatever ALS vector exists.  Rebuilt whole and committed in one
+    overwrite, so a new model replaces every audio row at once."""
     from pyspark.sql import functions as F
-    from deepcuts.core.spark import read_table, write_table
 
+    cfg, run_id = ctx.cfg, ctx.run_id
     threshold = cfg.infer.min_listeners_for_usage
     scale = median_als_norm(track_factors)
     als = track_factors.select("track_id", "factors",
@@ -526,7 +527,7 @@ def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict
     usage = als.filter("enough_usage").select(
         "track_id", "factors", F.lit(SOURCE_USAGE).alias("source"),
         F.lit(None).cast("string").alias("model_id"))
-    predicted = read_table(spark, wh, PREDICTED_FACTORS).filter(F.col("model_id") == model_id)
+    predicted = ctx.read(PREDICTED_FACTORS).filter(F.col("model_id") == model_id)
     audio = predicted.join(usage.select("track_id"), "track_id", "left_anti").select(
         "track_id", audio_to_als_expr(F.col("factors"), meta, scale).alias("factors"),
         F.lit(SOURCE_AUDIO).alias("source"), "model_id")
@@ -537,20 +538,22 @@ def write_serving(spark, cfg: Config, wh, run_id: str, model_id: str, meta: dict
             "track_id", "factors", F.lit(SOURCE_USAGE).alias("source"),
             F.lit(None).cast("string").alias("model_id"))
     serving = usage.unionByName(audio).unionByName(fallback).withColumn("run_id", F.lit(run_id))
-    summary = {"min_listeners_for_usage": threshold, "audio_scale": scale, "model_id": model_id}
-    snap = write_table(serving, wh, SERVING_FACTORS, run_id, replace=True, summary=summary)
+    committed = ctx.write(serving, SERVING_FACTORS,
+                          metadata={"min_listeners_for_usage": threshold, "audio_scale": scale,
+                                    "model_id": model_id})
 
-    written = read_table(spark, wh, SERVING_FACTORS)
+    written = ctx.read(SERVING_FACTORS)
     by_source = {r["source"]: r["n"] for r in written.groupBy("source")
                  .agg(F.count("*").alias("n")).collect()}
     unserved = locations.select("track_id").join(written.select("track_id"), "track_id", "left_anti").count()
-    factors_run = wh.snapshot(TRACK_FACTORS.name).run_id if wh.exists(TRACK_FACTORS.name) else None
+    factors_info = ctx.version_info(TRACK_FACTORS)
+    factors_run = factors_info[0] if factors_info else None
     if factors_run and meta.get("factors_run_id") and meta["factors_run_id"] != factors_run:
         log.warning("model %s learnt factors run %s but track_factors is run %s: audio rows are "
                     "in an older ALS space until the model is retrained", model_id,
                     meta["factors_run_id"], factors_run)
     return {
-        "serving_rows": snap.rows,
+        "serving_rows": committed.rows,
         "serving_by_source": by_source,
         "serving_low_usage_fallback": fallback.count(),
         "unserved_tracks": unserved,

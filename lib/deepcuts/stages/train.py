@@ -33,8 +33,7 @@ from torch import nn
 from deepcuts.core.config import Config, TrainConf, to_dict
 from deepcuts.nn.loader import EpochReader, ShortEpochError, band_statistics
 from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
-from deepcuts.core.spark import read_table, warehouse, write_table
-from deepcuts.core.warehouse import filesystem_for, read_bytes, write_bytes_atomic
+from deepcuts.core.storage import filesystem_for, read_bytes, write_bytes_atomic
 from deepcuts.core.tables import EVAL_HOLDOUT, FACTOR_METRICS, TRAIN_METRICS, USER_FACTORS
 from deepcuts.nn.trainset import TrainingSet, build_training_set
 
@@ -112,8 +111,8 @@ def format_duration(seconds: float) -> str:
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def checkpoint_dir(wh, key: str) -> str:
-    return wh.local_path("models", CHECKPOINTS_DIR, key)
+def checkpoint_dir(lk, key: str) -> str:
+    return lk.path("models", CHECKPOINTS_DIR, key)
 
 
 def save_checkpoint(folder: str, epoch: int, state: dict) -> str:
@@ -213,13 +212,13 @@ def _run_epoch(model, reader: EpochReader, epoch: int, loss_fn, device, mean, st
     return (total / rows if rows else float("nan")), rows, time.time() - started
 
 
-def train_model(cfg: Config, ts: TrainingSet, wh, run_id: str, device: torch.device | None = None,
+def train_model(cfg: Config, ts: TrainingSet, lk, run_id: str, device: torch.device | None = None,
                 echo=print) -> TrainResult:
     """Train (or resume) on a committed training set; returns the best epoch's model."""
     t = cfg.train
     device = device or resolve_device(t.device)
     key = checkpoint_key(t, ts.fingerprint)
-    ckpt_dir = checkpoint_dir(wh, key)
+    ckpt_dir = checkpoint_dir(lk, key)
     _set_seeds(t.seed)
     model = FactorCNN.from_train_conf(t, n_mels=ts.n_mels, out_dim=ts.out_dim)
     if ts.crop_frames < model.min_frames:
@@ -360,27 +359,27 @@ def artifact_meta(cfg: Config, ts: TrainingSet, result: TrainResult, evaluation:
 
 
 # --- evaluation -----------------------------------------------------------------------------
-def evaluate_cold_start_cnn(spark, cfg: Config, wh, artifact_dir: str, run_id: str,
-                            factors_run_id: str) -> dict | None:
+def evaluate_cold_start_cnn(ctx, artifact_dir: str, factors_run_id: str) -> dict | None:
     """The CNN on the cold-start tracks (factors issue's protocol), beside random and upper bound."""
     from pyspark.sql import functions as F
     from deepcuts.evaluation.metrics import evaluate_cold_start
     from deepcuts.stages.infer import mel_locations, predict_vectors
-    if not wh.exists(EVAL_HOLDOUT.name):
+    spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
+    if not ctx.exists(EVAL_HOLDOUT):
         return None
-    holdout = read_table(spark, wh, EVAL_HOLDOUT).where(F.col("split") == "cold")
+    holdout = ctx.read(EVAL_HOLDOUT).where(F.col("split") == "cold")
     cold_tracks = holdout.select("track_id").distinct()
     if cold_tracks.limit(1).count() == 0:
         return None
-    cold_mels = mel_locations(spark, wh).join(cold_tracks, "track_id", "left_semi")
+    cold_mels = mel_locations(ctx).join(cold_tracks, "track_id", "left_semi")
     vectors = (predict_vectors(spark, cold_mels, artifact_dir, cfg)
                .where(F.col("reason").isNull()).select("track_id", "factors"))
-    users = read_table(spark, wh, USER_FACTORS).select("user_id", "factors")
+    users = ctx.read(USER_FACTORS).select("user_id", "factors")
     cnn = evaluate_cold_start(spark, users, holdout, vectors, cfg.factors.eval_k, "cnn")
     out = {"cnn": _metric(cnn)}
     from deepcuts.evaluation.metrics import metrics_frame
-    write_table(metrics_frame(spark, [cnn], run_id), wh, FACTOR_METRICS, run_id, replace=False)
-    baselines = (read_table(spark, wh, FACTOR_METRICS)
+    ctx.write(metrics_frame(spark, [cnn], run_id), FACTOR_METRICS, mode="append")
+    baselines = (ctx.read(FACTOR_METRICS)
                  .where((F.col("run_id") == factors_run_id) & (F.col("split") == "cold")).collect())
     for row in baselines:
         out[row["predictor"]] = {"map_at_k": row["map_at_k"], "auc": row["auc"], "k": row["k"],
@@ -398,24 +397,24 @@ def _metric_line(m: dict) -> str:
 
 
 # --- the stage --------------------------------------------------------------------------------
-def run(spark, cfg: Config, run_id: str) -> dict:
-    wh = warehouse(cfg)
+def run(ctx) -> dict:
+    spark, cfg, run_id, lk = ctx.spark, ctx.cfg, ctx.run_id, ctx.lake
     t = cfg.train
     make_loss(t)  # an unusable loss/target combination fails before any Spark work
-    ts = build_training_set(spark, cfg, run_id)
+    ts = build_training_set(ctx)
     device = resolve_device(t.device)
     echo = lambda line: print(line, file=sys.stdout, flush=True)  # noqa: E731
     echo(f"train: {ts.train_rows} train / {ts.validation_rows} validation tracks, target {ts.target} "
          f"({ts.out_dim} outputs), {ts.crop_frames}-frame crops, device {device.type}")
-    result = train_model(cfg, ts, wh, run_id, device, echo=echo)
+    result = train_model(cfg, ts, lk, run_id, device, echo=echo)
 
     # Published only once it is complete and evaluated: LATEST moves last.
-    artifact_dir = save_artifact(wh, result.model_id, result.model, artifact_meta(cfg, ts, result, None),
+    artifact_dir = save_artifact(lk, result.model_id, result.model, artifact_meta(cfg, ts, result, None),
                                  publish=False)
     evaluation = None
     if t.evaluate and ts.target == "factors":
-        evaluation = evaluate_cold_start_cnn(spark, cfg, wh, artifact_dir, run_id, ts.source_run_id)
-    artifact_dir = save_artifact(wh, result.model_id, result.model, artifact_meta(cfg, ts, result, evaluation))
+        evaluation = evaluate_cold_start_cnn(ctx, artifact_dir, ts.source_run_id)
+    artifact_dir = save_artifact(lk, result.model_id, result.model, artifact_meta(cfg, ts, result, evaluation))
     epoch_metrics = read_bytes(posixpath.join(result.checkpoint_dir, METRICS_FILE))
     if epoch_metrics is not None:
         write_bytes_atomic(posixpath.join(artifact_dir, METRICS_FILE), epoch_metrics)
@@ -423,8 +422,7 @@ def run(spark, cfg: Config, run_id: str) -> dict:
     new_rows = [r for r in result.history if r["run_id"] == run_id]
     if new_rows:
         from deepcuts.core.tables import spark_schema
-        write_table(spark.createDataFrame(new_rows, spark_schema(TRAIN_METRICS)), wh, TRAIN_METRICS,
-                    run_id, replace=False)
+        ctx.write(spark.createDataFrame(new_rows, spark_schema(TRAIN_METRICS)), TRAIN_METRICS, mode="append")
     summary = {
         "model_id": result.model_id, "artifact": artifact_dir, "device": result.device,
         "training_set": f"{ts.run_id} ({ts.train_rows} train, {ts.validation_rows} validation)",

@@ -1,7 +1,0 @@
-"""spark-submit entry point of the deepcuts demo job: wiring only (see deepcuts.core.cli)."""
-import sys
-
-from deepcuts.core.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main("demo"))

@@ -1,0 +1,65 @@
+"""The stages, in one place: what each one runs, reads and writes, and the nightly order.
+
+``jobs/<stage>.py`` is ``main("<stage>")``; ``pipeline`` runs :data:`NIGHTLY` in one
+Spark application.  A stage reads and writes only the tables it declares here (the run
+context enforces it), so this table is also the pipeline's data-flow diagram.
+
+The demo catalogue generator is not a stage: ``run-demo.sh`` asks for it
+(``python -m deepcuts demo-catalogue``) before the nightly job.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from deepcuts.core import tables as T
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: str                           # "module:function", run(ctx) -> summary dict
+    reads: tuple[T.Table, ...]
+    writes: tuple[T.Table, ...]
+    doc: str
+    # cfg -> {table name: file layout (rows_per_file, row_group_rows, row_bytes)}, for compaction
+    layout: Callable | None = None
+
+    def function_ref(self) -> Callable:
+        module, func = self.function.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _mel_layout(cfg) -> dict:
+    from deepcuts.stages.ingest import mel_bytes_estimate
+    return {T.MELS.name: {"rows_per_file": cfg.ingest.rows_per_file,
+                          "row_group_rows": cfg.ingest.rows_per_row_group,
+                          "row_bytes": mel_bytes_estimate(cfg)}}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("ingest", "deepcuts.stages.ingest:run",
+          reads=(T.MELS, T.INGEST_REJECTS), writes=(T.MELS, T.INGEST_REJECTS),
+          doc="audio (folder, manifest, s3 prefix) -> log-mel spectrograms", layout=_mel_layout),
+    Stage("factors", "deepcuts.stages.factors:run",
+          reads=(T.MELS,),
+          writes=(T.USER_FACTORS, T.TRACK_FACTORS, T.USER_INDEX, T.TRACK_INDEX, T.PLAYS_REJECTS,
+                  T.EVAL_HOLDOUT, T.FACTOR_METRICS),
+          doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout)"),
+    Stage("train", "deepcuts.stages.train:run",
+          reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT, T.FACTOR_METRICS),
+          writes=(T.TRAIN_EXAMPLES, T.VALIDATION_EXAMPLES, T.TRAIN_REJECTS, T.TRAIN_METRICS,
+                  T.FACTOR_METRICS),
+          doc="mels + factors -> a CNN under models/ (Petastorm -> PyTorch)"),
+    Stage("infer", "deepcuts.stages.infer:run",
+          reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS),
+          writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS),
+          doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors"),
+)}
+
+NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "infer")
+
+
+def stage(name: str) -> Stage:
+    return STAGES[name]
