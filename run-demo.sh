@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bin/bootstrap.sh
+# The demo catalogue is rendered here, never by the nightly job (skipped when present).
+.venv/bin/python -m deepcuts demo-catalogue
 exec ./spark-submit.sh pipeline "$@"

@@ -14,8 +14,8 @@ usage() {
 usage: ./spark-submit.sh JOB [--conf-file F] [--set section.key=value ...] [-- spark-submit args]
 
 jobs: $(jobs)
-  pipeline   the nightly sequence (demo data if missing, ingest, factors, train, infer)
-  demo       generate the demo catalogue and play counts
+  pipeline   the nightly sequence (the registry's order: ingest, factors, train, infer, ...)
+  sql        Spark SQL over deepcuts.<table> (time travel: deepcuts.<table>@v<N>)
 
 Defaults: conf/deepcuts.toml (pipeline) and conf/spark-defaults.conf (Spark).
 Master: '-- --master URL' > \$SPARK_MASTER > local[*].
@@ -55,8 +55,16 @@ export PYSPARK_PYTHON=${PYSPARK_PYTHON:-$VENV/bin/python}
 export PYSPARK_DRIVER_PYTHON=${PYSPARK_DRIVER_PYTHON:-$VENV/bin/python}
 case "$master" in local*) export SPARK_LOCAL_IP=${SPARK_LOCAL_IP:-127.0.0.1} ;; esac
 cd "$HERE"
+# The JVM packages of conf/jvm-packages.txt (Delta Lake, s3a), fetched once by bin/bootstrap.sh;
+# --jars ships them to every executor.
+JARS_DIR=${DEEPCUTS_JARS:-$VENV/jars}
+jars=$(ls "$JARS_DIR"/*.jar 2>/dev/null | paste -sd, -)
+if [ -z "$jars" ]; then
+  echo "spark-submit.sh: no JVM packages in $JARS_DIR; run bin/bootstrap.sh first" >&2; exit 1
+fi
 exec "$VENV/bin/spark-submit" --master "$master" \
   --properties-file "$HERE/conf/spark-defaults.conf" \
+  --jars "$jars" \
   --py-files "$HERE/build/deepcuts.zip" \
   "${spark_args[@]}" \
   "$HERE/jobs/$JOB.py" "${job_args[@]}"

@@ -97,3 +97,47 @@ def s3_bucket(s3_server):
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)
     return client, bucket
+
+
+# --- the table layer, as the stages use it -----------------------------------------------
+def run_stage(spark, cfg: Config, name: str) -> dict:
+    """Run a registered stage exactly as a job does: its context, manifest and maintenance."""
+    from deepcuts.core.cli import run_stage as run
+    return run(spark, cfg, name)
+
+
+def stage_context(spark, cfg: Config, name: str, run_id: str = "test-run"):
+    """The context a stage function gets, for calling its parts directly."""
+    from deepcuts.core.registry import STAGES
+    from deepcuts.core.runs import StageRun
+    return StageRun(spark, cfg, STAGES[name], run_id)
+
+
+def write_rows(spark, cfg: Config, table, rows, run_id: str = "test"):
+    """Commit ``rows`` (a Spark or pandas DataFrame) as ``table``, overwriting it."""
+    from deepcuts.core.lake import lake, write_table
+    from deepcuts.core.tables import spark_schema
+    if not hasattr(rows, "sparkSession"):
+        # Columns the test leaves out (nullable ones added later to the schema) are null.
+        rows = rows.reindex(columns=table.columns).astype(object).where(rows.reindex(columns=table.columns).notna(), None)
+        rows = spark.createDataFrame(rows, schema=spark_schema(table))
+    df = rows
+    return write_table(df, lake(cfg), table, run_id)
+
+
+def write_arrow(cfg: Config, table, parts, *, row_group_rows: int | None = None) -> int:
+    """Commit pyarrow Tables as ``table`` without Spark (delta-rs): each part becomes one data
+    file (an overwrite, then appends), with row groups of ``row_group_rows`` rows (as the
+    ingest job sizes mels).  Returns the table's version."""
+    from deltalake import WriterProperties, write_deltalake
+    from deepcuts.core.lake import lake
+    lk = lake(cfg)
+    props = WriterProperties(max_row_group_size=row_group_rows) if row_group_rows else None
+    import pyarrow as pa
+    for n, part in enumerate(parts if isinstance(parts, (list, tuple)) else [parts]):
+        # Columns the test leaves out (nullable ones added later to the schema) are null.
+        columns = [part.column(f.name).cast(f.type) if f.name in part.column_names else pa.nulls(part.num_rows, f.type)
+                   for f in table.schema]
+        write_deltalake(lk.table_path(table.name), pa.Table.from_arrays(columns, schema=table.schema),
+                        mode="overwrite" if n == 0 else "append", writer_properties=props)
+    return lk.version(table.name)

@@ -4,17 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_config
+from conftest import make_config, run_stage, write_arrow
 from deepcuts.cf import plays as P
 from deepcuts.cf.plays import rating_column
-from deepcuts.stages.factors import run
-from deepcuts.core.spark import warehouse
+from deepcuts.core.lake import lake
 from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                              USER_FACTORS, USER_INDEX)
-from deepcuts.core.warehouse import read_pandas
+from deepcuts.core.lake import read_pandas
 
 N_USERS, N_TRACKS, N_GROUPS = 240, 96, 4
 TRACK_ID_BASE = 10 ** 12          # 64-bit integer track ids: exercise the id mapping
@@ -55,19 +53,13 @@ BAD_ROWS_CSV = (
 
 def commit_mels(cfg, track_ids) -> None:
     """A committed `mels` table listing ``track_ids`` (the unknown-track check reads only ids)."""
-    wh = warehouse(cfg)
     n = len(track_ids)
-    table = pa.table({
+    write_arrow(cfg, MELS, pa.table({
         "track_id": [str(t) for t in track_ids], "mel": [b"\x00\x00"] * n, "n_mels": [1] * n,
         "n_frames": [1] * n, "sample_rate": [22050] * n, "hop_length": [512] * n,
         "excerpt_offset_s": [0.0] * n, "duration_s": [1.0] * n, "fingerprint": ["f"] * n,
         "source_uri": ["x"] * n, "source_size": [1] * n, "source_version": ["1"] * n,
-        "labels": [None] * n, "ingest_run_id": ["test"] * n}, schema=MELS.schema)
-    path = wh.local_path(MELS.name, "data", "test", "part-0.parquet")
-    import os
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path)
-    wh.commit(MELS.name, "test", ["data/test/part-0.parquet"])
+        "labels": pa.nulls(n, pa.string()), "ingest_run_id": ["test"] * n}))
 
 
 def group_auc(user_factors: pd.DataFrame, track_factors: pd.DataFrame) -> float:
@@ -107,10 +99,10 @@ def test_rating_column_is_the_pure_transform(spark):
 @pytest.mark.slow
 def test_factors_stage_evaluates_rejects_and_reruns_idempotently(spark, factors_config):
     cfg = factors_config
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     commit_mels(cfg, [track_id(t) for t in range(N_TRACKS + 2)])
 
-    summary = run(spark, cfg, "factors-1")
+    summary = run_stage(spark, cfg, "factors")
 
     # every reason code once, counted in the summary and kept (as text) in plays_rejects
     expected = {r: 1 for r in P.REASONS}
@@ -147,12 +139,12 @@ def test_factors_stage_evaluates_rejects_and_reruns_idempotently(spark, factors_
     assert users["n_tracks"].sum() + len(holdout) == summary["pairs"]
 
     # a re-run (production mode) replaces every table: no duplicates, nothing held out
-    summary2 = run(spark, cfg.replace(**{"factors.evaluate": False}), "factors-2")
+    summary2 = run_stage(spark, cfg.replace(**{"factors.evaluate": False}), "factors")
     users2 = read_pandas(wh, USER_FACTORS.name)
     tracks2 = read_pandas(wh, TRACK_FACTORS.name)
     assert users2["user_id"].is_unique and len(users2) == N_USERS
     assert tracks2["track_id"].is_unique and cold <= set(tracks2["track_id"])
-    assert set(tracks2["run_id"]) == {"factors-2"}
+    assert set(tracks2["run_id"]) == {summary2["run_id"]}
     assert len(read_pandas(wh, EVAL_HOLDOUT.name)) == 0
     assert len(read_pandas(wh, PLAYS_REJECTS.name)) == len(P.REASONS)
     assert len(read_pandas(wh, USER_INDEX.name)) == N_USERS
@@ -169,9 +161,9 @@ def test_unknown_track_check_without_mels_keeps_and_says_so(spark, tmp_path):
     cfg = make_config(tmp_path, factors__plays=str(plays_file), factors__plays_format="events",
                       factors__unknown_tracks="reject", factors__evaluate=False, factors__rank=4,
                       factors__iterations=2, spark__shuffle_partitions=2)
-    summary = run(spark, cfg, "factors-events")
+    summary = run_stage(spark, cfg, "factors")
     assert summary["unknown_tracks"].startswith("KEPT")
     assert summary["rejected_rows"] == {}
     assert summary["pairs"] == 120 and summary["input_rows"] == 121
-    users = read_pandas(warehouse(cfg), USER_FACTORS.name).set_index("user_id")
+    users = read_pandas(lake(cfg), USER_FACTORS.name).set_index("user_id")
     assert users.loc["u1", "n_plays"] == 5 and users.loc["u1", "n_tracks"] == 4

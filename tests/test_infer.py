@@ -9,10 +9,10 @@ import pytest
 
 from deepcuts.stages import infer
 from deepcuts.nn.model import FactorCNN, latest_model_id, load_artifact, save_artifact
-from deepcuts.core.spark import warehouse
+from deepcuts.core.lake import lake, read_pandas
 from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
-from conftest import make_config
+from conftest import make_config, run_stage, stage_context, write_arrow, write_rows
 
 N_MELS = 128
 RANK = 32
@@ -34,7 +34,7 @@ def make_artifact(cfg, model_id: str, seed: int, loss: str = "mse") -> str:
     meta = {"target": "factors", "n_mels": N_MELS, "out_dim": RANK, "train": train,
             "mel_mean": rng.normal(-30, 2, N_MELS).tolist(), "mel_std": rng.uniform(5, 10, N_MELS).tolist(),
             "crop_frames": 130, "factors_run_id": "factors-test"}
-    return save_artifact(warehouse(cfg), model_id, model, meta)
+    return save_artifact(lake(cfg), model_id, model, meta)
 
 
 def mel_row(track_id: str, n_frames: int, seed: int, n_mels: int = N_MELS, fingerprint: str | None = None,
@@ -138,15 +138,10 @@ def test_unit_predictions_are_served_at_the_als_scale(spark):
 # The Spark stage
 # --------------------------------------------------------------------------------------
 def write_mels(spark, cfg, rows: list[dict], run_id: str) -> None:
-    from deepcuts.core.spark import write_table
-    from deepcuts.core.tables import spark_schema
-    df = spark.createDataFrame(pd.DataFrame(rows), schema=spark_schema(MELS))
-    write_table(df, warehouse(cfg), MELS, run_id)
+    write_rows(spark, cfg, MELS, pd.DataFrame(rows), run_id)
 
 
 def write_track_factors(spark, cfg, listeners: dict[str, int]) -> pd.DataFrame:
-    from deepcuts.core.spark import write_table
-    from deepcuts.core.tables import spark_schema
     rng = np.random.default_rng(0)
     vectors = (rng.normal(0, 1, (len(listeners), RANK)) * rng.uniform(0.5, 2, (len(listeners), 1))) \
         .astype(np.float32)
@@ -154,8 +149,7 @@ def write_track_factors(spark, cfg, listeners: dict[str, int]) -> pd.DataFrame:
                         "factors_unit": list(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)),
                         "n_plays": [3 * n for n in listeners.values()],
                         "n_listeners": list(listeners.values()), "run_id": "factors-test"})
-    schema = spark_schema(TRACK_FACTORS)
-    write_table(spark.createDataFrame(pdf, schema=schema), warehouse(cfg), TRACK_FACTORS, "factors-test")
+    write_rows(spark, cfg, TRACK_FACTORS, pdf, "factors-test")
     return pdf
 
 
@@ -177,34 +171,16 @@ def catalogue(spark, tmp_path):
     return cfg, rows, factors
 
 
-def read_pandas(wh, table_name: str) -> pd.DataFrame:
-    """A committed table, each file cast to the table's schema (Spark writes nullability
-    per plan, so files of one table can differ in it)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from deepcuts.core.tables import ALL_TABLES
-    schema = ALL_TABLES[table_name].schema
-    files = wh.files(table_name, local=True)
-    return pa.concat_tables([pq.read_table(f).select(schema.names).cast(schema) for f in files]
-                            or [schema.empty_table()]).to_pandas()
-
-
 def serving(cfg) -> pd.DataFrame:
-    return read_pandas(warehouse(cfg), SERVING_FACTORS.name).set_index("track_id")
+    return read_pandas(lake(cfg), SERVING_FACTORS.name).set_index("track_id")
 
 
 def write_mel_files(cfg, rows: list[dict], run_id: str, rows_per_file: int, row_group_rows: int) -> None:
     """Commit ``rows`` as mels files with exactly these row-group and file sizes."""
-    import os
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    wh = warehouse(cfg)
-    folder = wh.local_path(MELS.name, "data", run_id)
-    os.makedirs(folder)
-    for n, start in enumerate(range(0, len(rows), rows_per_file)):
-        table = pa.Table.from_pylist(rows[start:start + rows_per_file], schema=MELS.schema)
-        pq.write_table(table, os.path.join(folder, f"part-{n:05d}.parquet"), row_group_size=row_group_rows)
-    wh.commit(MELS.name, run_id, wh.list_data_files(MELS.name, run_id))
+    write_arrow(cfg, MELS, [pa.Table.from_pylist([{c: r.get(c) for c in MELS.columns} for r in rows[start:start + rows_per_file]],
+                                                 schema=MELS.schema)
+                            for start in range(0, len(rows), rows_per_file)], row_group_rows=row_group_rows)
 
 
 @pytest.mark.spark
@@ -218,11 +194,11 @@ def test_spark_scoring_reads_the_stored_rows_and_equals_plain_python(spark, tmp_
     rows = [mel_row(f"x{i:02d}", 345 if i % 2 else 300, i) for i in range(20)] \
         + [mel_row("bad", 345, 99, corrupt="nan")]
     write_mel_files(cfg, rows, "ingest-1", rows_per_file=7, row_group_rows=3)
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     assert len(wh.files(MELS.name)) == 3
-    assert pq.ParquetFile(wh.files(MELS.name, local=True)[0]).metadata.num_row_groups == 3
+    assert pq.ParquetFile(wh.files(MELS.name)[0]).metadata.num_row_groups == 3
 
-    locations = infer.mel_locations(spark, wh)
+    locations = infer.mel_locations(stage_context(spark, cfg, "infer"))
     assert sorted(locations.columns) == ["fingerprint", "mel_file", "mel_row", "track_id"]
     wanted = locations.where("track_id not in ('x00', 'x03', 'x08', 'x13', 'x14')")
     got = infer.predict_vectors(spark, wanted, folder, cfg).toPandas()
@@ -246,7 +222,7 @@ def test_reading_stored_rows_checks_what_it_reads(tmp_path):
     artifact = load_artifact(make_artifact(cfg, "m1", seed=3))
     rows = [mel_row(f"y{i}", 300, i) for i in range(5)]
     write_mel_files(cfg, rows, "ingest-1", rows_per_file=5, row_group_rows=2)
-    path = warehouse(cfg).files(MELS.name)[0]              # a Spark-style file: URI
+    path = lake(cfg).files(MELS.name)[0]              # a Spark-style file: URI
     tables = list(infer.read_mel_rows(path, [4, 1, 0]))
     assert [t.column("track_id").to_pylist() for t in tables] == [["y0", "y1"], ["y4"]]
     out = pd.concat(infer.score_stored_mels(path, [1, 4], ["y1", "y4"], artifact, "whole", 3.0, 8))
@@ -278,8 +254,8 @@ def test_workers_load_only_the_weights_the_driver_planned(tmp_path):
 @pytest.mark.spark
 def test_serving_backfill_sources_and_rejects(spark, catalogue):
     cfg, rows, factors = catalogue
-    wh = warehouse(cfg)
-    first = infer.run(spark, cfg, "infer-1")
+    wh = lake(cfg)
+    first = run_stage(spark, cfg, "infer")
     assert first["mode"] == "full" and first["scored"] == 23 and first["rejected"] == {infer.NON_FINITE_MEL: 1}
 
     served = serving(cfg)
@@ -307,8 +283,8 @@ def test_serving_backfill_sources_and_rejects(spark, catalogue):
 @pytest.mark.spark
 def test_incremental_rescoring_and_new_model(spark, catalogue):
     cfg, rows, _ = catalogue
-    wh = warehouse(cfg)
-    infer.run(spark, cfg, "infer-1")
+    wh = lake(cfg)
+    first = run_stage(spark, cfg, "infer")
     old = read_pandas(wh, PREDICTED_FACTORS.name).set_index("track_id")
 
     # Night 2: t20's audio changed, t21 left the catalogue, t05 was fixed, t30 is new.
@@ -317,16 +293,16 @@ def test_incremental_rescoring_and_new_model(spark, catalogue):
     changed = [mel_row("t05", 345, 1005) if r["track_id"] == "t05" else r for r in changed]
     changed.append(mel_row("t30", 345, 30))
     write_mels(spark, cfg, changed, "ingest-2")
-    summary = infer.run(spark, cfg, "infer-2")
+    summary = run_stage(spark, cfg, "infer")
     assert summary["mode"] == "incremental" and summary["scored"] == 3 and summary["rejected"] == {}
-    assert 0 < summary["rewritten_files"] <= len(wh.snapshot(PREDICTED_FACTORS.name).files)
+    assert wh.delta(PREDICTED_FACTORS.name).history(1)[0]["operation"] == "MERGE"   # not a rewrite
     new = read_pandas(wh, PREDICTED_FACTORS.name).set_index("track_id")
     assert set(new.index) == {r["track_id"] for r in changed}
     assert not new.index.duplicated().any()
     assert not np.allclose(new.loc["t20", "factors"], old.loc["t20", "factors"])
     for tid in set(old.index) - {"t20", "t21"}:                 # untouched rows are kept as they were
         np.testing.assert_array_equal(new.loc[tid, "factors"], old.loc[tid, "factors"])
-        assert new.loc[tid, "run_id"] == "infer-1"
+        assert new.loc[tid, "run_id"] == first["run_id"]
     assert read_pandas(wh, INFER_REJECTS.name).empty
     served = serving(cfg)
     assert "t21" not in served.index and served.loc["t30", "source"] == "audio"
@@ -335,8 +311,8 @@ def test_incremental_rescoring_and_new_model(spark, catalogue):
     # A new model rescores everything and replaces every audio row.
     make_artifact(cfg, "model-b", seed=2)
     assert latest_model_id(wh) == "model-b"
-    summary = infer.run(spark, cfg, "infer-3")
-    assert summary["mode"] == "full" and summary["scored"] == len(changed)
+    summary = run_stage(spark, cfg, "infer")
+    assert summary["scored"] == len(changed)
     served = serving(cfg)
     audio = served[served["source"] == "audio"]
     assert len(audio) and (audio["model_id"] == "model-b").all()
@@ -357,19 +333,17 @@ def test_a_model_outside_the_als_space_is_refused():
 @pytest.mark.slow
 def test_demo_catalogue_every_ingested_track_served_once(spark, small_config, tmp_path):
     """The real chain on the demo catalogue: ingest -> factors -> (a model) -> infer."""
-    from deepcuts.stages import factors
-    from deepcuts.stages import ingest
     cfg = small_config.replace(**{**SMALL_NET, "factors.evaluate": False, "factors.iterations": 5})
-    ingest.run(spark, cfg, "ingest-demo")
-    factors.run(spark, cfg, "factors-demo")
-    wh = warehouse(cfg)
+    run_stage(spark, cfg, "ingest")
+    run_stage(spark, cfg, "factors")
+    wh = lake(cfg)
     mels = read_pandas(wh, MELS.name)
     als = read_pandas(wh, TRACK_FACTORS.name).set_index("track_id")
     # The median listener count splits the demo into usage-served and audio-served halves.
     threshold = int(np.median(als["n_listeners"])) + 1
     cfg = cfg.replace(**{"infer.min_listeners_for_usage": threshold})
     make_artifact(cfg, "model-demo", seed=5)
-    summary = infer.run(spark, cfg, "infer-demo")
+    summary = run_stage(spark, cfg, "infer")
     assert summary["scored"] == len(mels) and summary["rejected"] == {} and summary["unserved_tracks"] == 0
 
     served = serving(cfg)
@@ -381,7 +355,7 @@ def test_demo_catalogue_every_ingested_track_served_once(spark, small_config, tm
         assert row["source"] == ("usage" if tid in usage or tid not in set(mels["track_id"]) else "audio")
     assert summary["serving_by_source"] == served["source"].value_counts().to_dict()
 
-    again = infer.run(spark, cfg, "infer-demo-2")
+    again = run_stage(spark, cfg, "infer")
     assert again["scored"] == 0 and again["unchanged"] == len(mels)
     rerun = serving(cfg)
     assert rerun.index.sort_values().equals(served.index.sort_values())

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from audio_fixtures import write_audio, write_hostile_files
-from conftest import make_config
-from deepcuts.stages import ingest
+from conftest import make_config, run_stage, stage_context
 from deepcuts.audio.decode import mel_from_bytes
-from deepcuts.core.spark import warehouse
-from deepcuts.core.warehouse import Warehouse, read_pandas
+from deepcuts.core import lake as lakeio
+from deepcuts.core.lake import Lake, lake, read_pandas
+from deepcuts.core.tables import MELS
 
 pytestmark = pytest.mark.spark
 
@@ -40,12 +40,12 @@ def folder_runs(spark, tmp_path_factory):
         write_audio(cat / rel, seconds=6.0, channels=channels, seed=seed)
     hostile = write_hostile_files(cat / "bad")
     cfg = _config(root)
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     out = {"root": root, "cfg": cfg, "wh": wh, "hostile": hostile}
-    out["run1"] = ingest.run(spark, cfg, "run1")
+    out["run1"] = run_stage(spark, cfg, "ingest")
     out["mels1"] = read_pandas(wh, "mels")
     out["rejects1"] = _reasons(wh)
-    out["run2"] = ingest.run(spark, cfg, "run2")
+    out["run2"] = run_stage(spark, cfg, "ingest")
     out["mels2"] = read_pandas(wh, "mels")
     # Night 3: one file changed, one added, one deleted, one broken file fixed.
     write_audio(cat / "good/01.flac", seconds=7.0, channels=2, seed=101)
@@ -53,10 +53,10 @@ def folder_runs(spark, tmp_path_factory):
     os.remove(cat / "good/02.ogg")
     (cat / "bad/empty.mp3").unlink()
     write_audio(cat / "bad/empty.mp3", seconds=6.0, seed=8)
-    out["run3"] = ingest.run(spark, cfg, "run3")
+    out["run3"] = run_stage(spark, cfg, "ingest")
     out["mels3"] = read_pandas(wh, "mels")
     out["rejects3"] = _reasons(wh)
-    out["run4"] = ingest.run(spark, cfg.replace(**{"ingest.on_missing": "drop"}), "run4")
+    out["run4"] = run_stage(spark, cfg.replace(**{"ingest.on_missing": "drop"}), "ingest")
     out["mels4"] = read_pandas(wh, "mels")
     return out
 
@@ -73,7 +73,7 @@ def test_first_run_ingests_good_files_and_records_every_reject(folder_runs):
     assert mel.shape == (128, 1 + int(5.0 * 22050) // 512) and np.isfinite(mel).all()
     assert set(mels["sample_rate"]) == {22050} and set(mels["hop_length"]) == {512}
     assert (mels["excerpt_offset_s"].round(2) == 0.5).all() and (mels["duration_s"].round(1) == 6.0).all()
-    assert mels["fingerprint"].str.len().eq(32).all() and mels["ingest_run_id"].eq("run1").all()
+    assert mels["fingerprint"].str.len().eq(32).all() and mels["ingest_run_id"].eq(r["run1"]["run_id"]).all()
 
 
 def test_row_groups_are_sized_for_petastorm(folder_runs):
@@ -81,7 +81,7 @@ def test_row_groups_are_sized_for_petastorm(folder_runs):
     (parquet-mr's default check every 100 rows would leave one big row group)."""
     wh = folder_runs["wh"]
     sizes = []
-    for path in wh.files("mels", local=True):
+    for path in wh.files("mels"):
         meta = pq.ParquetFile(path).metadata
         sizes.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
     assert any(len(groups) > 1 for groups in sizes), sizes
@@ -109,10 +109,10 @@ def test_third_run_processes_only_new_and_changed(folder_runs):
     assert "bad/empty.mp3" not in folder_runs["rejects3"]              # fixed: no longer rejected
     changed = mels.set_index("track_id").loc["good/01.flac"]
     before = folder_runs["mels1"].set_index("track_id").loc["good/01.flac"]
-    assert changed["ingest_run_id"] == "run3" and changed["fingerprint"] != before["fingerprint"]
+    assert changed["ingest_run_id"] == folder_runs["run3"]["run_id"] and changed["fingerprint"] != before["fingerprint"]
     assert changed["duration_s"] == pytest.approx(7.0, abs=0.05)
     untouched = mels.set_index("track_id").loc["good/00.wav"]
-    assert untouched["ingest_run_id"] == "run1"
+    assert untouched["ingest_run_id"] == folder_runs["run1"]["run_id"]
     assert len(mels) == len(GOOD) + 2
 
 
@@ -126,21 +126,49 @@ def test_a_crash_before_commit_leaves_the_previous_version(spark, folder_runs, m
     r = folder_runs
     write_audio(r["root"] / "cat" / "new" / "n2.wav", seconds=5.0, seed=9)
     before = read_pandas(r["wh"], "mels")
-    version = r["wh"].snapshot("mels").version
+    version = r["wh"].version("mels")
 
-    def crash(self, table, *a, **k):
+    def crash(*a, **k):
         raise RuntimeError("simulated crash")
-    monkeypatch.setattr(Warehouse, "commit", crash)
+    monkeypatch.setattr(lakeio, "merge_table", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ingest.run(spark, r["cfg"], "crashed")
+        run_stage(spark, r["cfg"], "ingest")
     monkeypatch.undo()
-    assert r["wh"].snapshot("mels").version == version
+    assert r["wh"].version("mels") == version
     assert read_pandas(r["wh"], "mels").sort_values("track_id").reset_index(drop=True)[["track_id", "fingerprint"]].equals(
         before.sort_values("track_id").reset_index(drop=True)[["track_id", "fingerprint"]])
-    summary = ingest.run(spark, r["cfg"], "after-crash")
+    summary = run_stage(spark, r["cfg"], "ingest")
     assert summary["new"] == 1 and summary["ingested"] == 1
     mels = read_pandas(r["wh"], "mels")
     assert mels["track_id"].is_unique and "new/n2.wav" in set(mels["track_id"])
+
+
+def test_a_crash_between_two_commits_is_invisible_to_readers_and_the_rerun_completes(spark, folder_runs,
+                                                                                     monkeypatch):
+    """mels committed, ingest_rejects and the manifest not: readers keep the previous run's
+    mels (pinned by the manifest); the rerun redoes the work without duplicating a row."""
+    r = folder_runs
+    write_audio(r["root"] / "cat" / "new" / "n3.wav", seconds=5.0, seed=10)
+    pinned = stage_context(spark, r["cfg"], "ingest").pinned_version(MELS)
+    real_write = lakeio.write_table
+
+    def crash_on_rejects(df, lk, table, *a, **k):
+        if table.name == "ingest_rejects":
+            raise RuntimeError("simulated crash")
+        return real_write(df, lk, table, *a, **k)
+    monkeypatch.setattr(lakeio, "write_table", crash_on_rejects)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(spark, r["cfg"], "ingest")
+    monkeypatch.undo()
+    assert r["wh"].version("mels") == pinned + 1                          # committed ...
+    assert stage_context(spark, r["cfg"], "ingest").pinned_version(MELS) == pinned   # ... but not published
+    runs = read_pandas(r["wh"], "runs").sort_values("ended_at")
+    assert runs["status"].iloc[-1] == "failed" and "simulated crash" in runs["error"].iloc[-1]
+    summary = run_stage(spark, r["cfg"], "ingest")
+    assert summary["new"] == 1
+    mels = read_pandas(r["wh"], "mels")
+    assert mels["track_id"].is_unique and "new/n3.wav" in set(mels["track_id"])
+    assert stage_context(spark, r["cfg"], "ingest").pinned_version(MELS) == r["wh"].version("mels")
 
 
 def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
@@ -156,8 +184,8 @@ def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
         "tc,,no-uri\n"
         "td,audio/missing.ogg,gone\n")
     cfg = _config(tmp_path).replace(**{"ingest.source": str(cat / "manifest.csv")})
-    summary = ingest.run(spark, cfg, "m1")
-    wh = warehouse(cfg)
+    summary = run_stage(spark, cfg, "ingest")
+    wh = lake(cfg)
     mels = read_pandas(wh, "mels").set_index("track_id")
     assert sorted(mels.index) == ["ta", "tb"]
     assert mels.loc["ta", "labels"] == "rock" and mels.loc["tb", "labels"] == "jazz"
@@ -166,7 +194,7 @@ def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
     assert sorted(rej["reason"]) == ["bad_manifest_row", "bad_manifest_row", "duplicate_track_id", "source_missing"]
     assert set(rej.loc[rej.reason == "source_missing", "track_id"]) == {"td"}
     assert summary["rejected"] == {"bad_manifest_row": 2, "duplicate_track_id": 1, "source_missing": 1}
-    again = ingest.run(spark, cfg, "m2")
+    again = run_stage(spark, cfg, "ingest")
     assert again["ingested"] == 0 and again["skipped_unchanged"] == 2
     assert len(read_pandas(wh, "ingest_rejects")) == 4
 
@@ -189,7 +217,7 @@ def test_ingest_from_s3_through_the_cli(tmp_path, s3_bucket):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingested" in done.stdout and "empty_file=1" in done.stdout
     assert "testing" not in done.stdout + done.stderr.replace("AWS_ACCESS_KEY_ID", "")  # no secrets logged
-    wh = Warehouse(str(wh_root))
+    wh = Lake(str(wh_root))
     mels = read_pandas(wh, "mels")
     assert sorted(mels["track_id"]) == ["0.mp3", "1.flac"]
     assert all(u.startswith(f"s3://{bucket}/music/") for u in mels["source_uri"])

@@ -11,7 +11,7 @@ from conftest import make_config
 from deepcuts.audio.decode import mel_from_bytes
 from deepcuts.nn.model import (Artifact, FactorCNN, ModelArtifactError, frames_for_seconds,
                             latest_model_id, load_artifact, min_frames, model_dir, save_artifact)
-from deepcuts.core.warehouse import Warehouse
+from deepcuts.core.lake import Lake
 
 SMALL = {"train__conv_channels": [16, 16, 16], "train__dense_units": 32}
 
@@ -57,7 +57,7 @@ def test_decode_mel_round_trip_and_bad_length():
 
 def test_artifact_round_trip_normalises_and_publishes_latest(tmp_path):
     cfg = make_config(tmp_path, **SMALL)
-    wh = Warehouse(str(tmp_path / "wh"))
+    wh = Lake(str(tmp_path / "wh"))
     assert latest_model_id(wh) is None
     torch.manual_seed(0)
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
@@ -77,7 +77,7 @@ def test_artifact_round_trip_normalises_and_publishes_latest(tmp_path):
 
 def test_damaged_artifacts_are_refused_by_name(tmp_path):
     cfg = make_config(tmp_path, **SMALL)
-    wh = Warehouse(str(tmp_path / "wh"))
+    wh = Lake(str(tmp_path / "wh"))
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4)
     folder = save_artifact(wh, "cnn-b", model, _meta(cfg, model))
     weights = tmp_path / "wh" / "models" / "cnn-b" / "model.pt"
@@ -118,7 +118,7 @@ def test_reduced_precision_scores_within_two_percent_of_fp32(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         compute_dtype("fp8", cpu)
     cfg = make_config(tmp_path, **SMALL)
-    wh = Warehouse(str(tmp_path / "wh"))
+    wh = Lake(str(tmp_path / "wh"))
     torch.manual_seed(0)
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
     mean, std = np.zeros(16, np.float32), np.ones(16, np.float32)
@@ -155,7 +155,7 @@ def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, tar
                       train__dense_units=16, train__target=target)
     torch.manual_seed(3)
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=5).eval()
-    wh = Warehouse(str(tmp_path / "wh"))
+    wh = Lake(str(tmp_path / "wh"))
     mean, std = np.full(16, -30, np.float32), np.full(16, 8, np.float32)
     artifact = load_artifact(save_artifact(wh, "cnn-w", model, _meta(cfg, model, mean, std)))
     assert artifact.time_stride == 16

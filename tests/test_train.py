@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import make_config, run_stage, stage_context
 from deepcuts.stages import train as train_mod
 from deepcuts.nn.model import latest_model_id, load_artifact, model_dir
-from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.lake import lake, read_table, write_table
 from deepcuts.core.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_METRICS,
                              TRAIN_REJECTS, USER_FACTORS, VALIDATION_EXAMPLES)
 from deepcuts.nn.trainset import build_training_set, committed_training_set
-from deepcuts.core.warehouse import Warehouse
+from deepcuts.core.lake import Lake
 
 N_STYLES, RANK, N_MELS, FRAMES = 4, 8, 128, 180
 SMALL_MODEL = {"train__conv_channels": [24, 24, 24], "train__dense_units": 48, "train__dropout": 0.1,
@@ -84,11 +84,11 @@ def planted(spark, tmp_path_factory):
     """A warehouse with planted mels/factors/holdout and its training set built once."""
     root = tmp_path_factory.mktemp("planted")
     cfg = make_config(root, **SMALL_MODEL)
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     mels, factors, users, holdout, cold = planted_catalogue()
     for table, rows in ((MELS, mels), (TRACK_FACTORS, factors), (USER_FACTORS, users), (EVAL_HOLDOUT, holdout)):
         write_table(_frame(spark, table, rows), wh, table, f"{table.name}-test")
-    ts = build_training_set(spark, cfg, "train-20260101T000000-planted")
+    ts = build_training_set(stage_context(spark, cfg, "train", "train-20260101T000000-planted"))
     return {"cfg": cfg, "wh": wh, "ts": ts, "cold": cold, "root": root}
 
 
@@ -109,28 +109,26 @@ def test_training_set_keeps_cold_tracks_out_and_rejects_bad_rows(spark, planted)
              for f in ts.train_files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
     assert max(sizes) <= 2 * cfg.train.rows_per_row_group and np.median(sizes) >= 4
     # Same inputs: the committed set is reused (a resumed run sees the same examples).
-    again = build_training_set(spark, cfg, "train-20260101T000001-again")
-    assert again.run_id == ts.run_id and committed_training_set(cfg).fingerprint == ts.fingerprint
+    again = build_training_set(stage_context(spark, cfg, "train", "train-20260101T000001-again"))
+    assert again.run_id == ts.run_id and committed_training_set(wh).fingerprint == ts.fingerprint
 
 
 @pytest.mark.spark
 @pytest.mark.slow
 def test_demo_chain_cnn_beats_random_on_cold_start(spark, small_config):
     """demo -> ingest -> factors -> train: the CNN ranks the held-out cold tracks for users."""
-    from deepcuts.stages import factors
-    from deepcuts.stages import ingest
     cfg = small_config.replace(**{k.replace("__", "."): v for k, v in SMALL_MODEL.items()
                                   if k.startswith("train__")})
     cfg = cfg.replace(**{"train.epochs": 8, "train.patience": 4, "factors.rank": 16, "factors.iterations": 6,
                          "factors.warm_fraction": 0.0})   # the warm CF check is the factors tests' job
-    ingest.run(spark, cfg, "ingest-20260101T000000-chain")
-    factors.run(spark, cfg, "factors-20260101T000000-chain")
-    summary = train_mod.run(spark, cfg, "train-20260101T000003-chain")
-    wh = warehouse(cfg)
+    run_stage(spark, cfg, "ingest")
+    factors_summary = run_stage(spark, cfg, "factors")
+    summary = run_stage(spark, cfg, "train")
+    wh = lake(cfg)
     model_id = latest_model_id(wh)
     assert model_id == summary["model_id"]
     meta = load_artifact(model_dir(wh, model_id)).meta
-    assert meta["factors_run_id"] == "factors-20260101T000000-chain" and len(meta["mel_mean"]) == 128
+    assert meta["factors_run_id"] == factors_summary["run_id"] and len(meta["mel_mean"]) == 128
     assert meta["out_dim"] == 16 and meta["validation"]["train_rows"] > 40
     cold = meta["cold_start"]
     # Random vectors score AUC ~0.5; a model that learnt nothing predicts near-constant vectors,
@@ -147,11 +145,11 @@ def test_demo_chain_cnn_beats_random_on_cold_start(spark, small_config):
 def test_labels_target_trains_a_classifier_whose_embedding_is_the_penultimate_layer(spark, planted, tmp_path):
     cfg = planted["cfg"].replace(**{"train.target": "labels", "train.epochs": 3, "train.evaluate": False,
                                     "warehouse.root": str(tmp_path / "labels-wh")})
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     for table in (MELS, EVAL_HOLDOUT):     # labels need no usage: no track_factors at all
         rows = read_table(spark, planted["wh"], table)
         write_table(rows, wh, table, f"{table.name}-labels")
-    summary = train_mod.run(spark, cfg, "train-20260101T000004-labels")
+    summary = run_stage(spark, cfg, "train")
     artifact = load_artifact(model_dir(wh, latest_model_id(wh)))
     meta = artifact.meta
     assert meta["target"] == "labels" and meta["label_names"] == [f"style{k}" for k in range(N_STYLES)] + ["synthetic"]
@@ -172,10 +170,10 @@ class Crash(RuntimeError):
 def test_resume_after_crash_reproduces_an_uninterrupted_run(planted, tmp_path, monkeypatch):
     cfg = planted["cfg"].replace(**{"train.epochs": 3, "train.patience": 10})
     ts = planted["ts"]
-    whole = train_mod.train_model(cfg, ts, Warehouse(str(tmp_path / "a")), "train-x-a", torch.device("cpu"),
+    whole = train_mod.train_model(cfg, ts, Lake(str(tmp_path / "a")), "train-x-a", torch.device("cpu"),
                                   echo=lambda s: None)
 
-    wh_b = Warehouse(str(tmp_path / "b"))
+    wh_b = Lake(str(tmp_path / "b"))
     real_run_epoch = train_mod._run_epoch
 
     def crash_in_second_epoch(model, reader, epoch, *args, **kwargs):
@@ -199,7 +197,7 @@ def test_resume_after_crash_reproduces_an_uninterrupted_run(planted, tmp_path, m
 @pytest.mark.spark
 def test_corrupted_checkpoint_is_refused(planted, tmp_path):
     cfg = planted["cfg"].replace(**{"train.epochs": 1})
-    wh = Warehouse(str(tmp_path / "w"))
+    wh = Lake(str(tmp_path / "w"))
     result = train_mod.train_model(cfg, planted["ts"], wh, "train-x-d", torch.device("cpu"), echo=lambda s: None)
     folder = Path(result.checkpoint_dir)
     pointer = json.loads((folder / train_mod.CHECKPOINT_POINTER).read_text())

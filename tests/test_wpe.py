@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import make_config, run_stage, stage_context
 from deepcuts.stages import train as train_mod
 from deepcuts.stages.infer import predicts_unit_factors
 from deepcuts.nn.loader import EpochReader
 from deepcuts.nn.model import latest_model_id, load_artifact, model_dir
 from deepcuts.cf.plays import confidence
-from deepcuts.core.spark import read_table, warehouse, write_table
+from deepcuts.core.lake import lake, read_table, write_table
 from deepcuts.core.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
                              USER_FACTORS, VALIDATION_EXAMPLES)
 from deepcuts.nn.trainset import NO_PLAYS, build_training_set, inputs_fingerprint, wpe_track_statistics
@@ -97,7 +97,7 @@ def wpe_planted(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("wpe")
     cfg = make_config(root, **{**SMALL_MODEL, "train__loss": "wpe", "train__epochs": 2, "train__evaluate": False,
                                "factors__alpha": ALPHA, "factors__epsilon": EPSILON})
-    wh = warehouse(cfg)
+    wh = lake(cfg)
     mels, factors, users, holdout, cold = planted_catalogue(n_tracks=96, n_users=100)
     styles = {t: int(t[3:]) % 4 for t in mels["track_id"] if t.startswith("trk")}   # cold ones too
     skip = sorted(t for t in styles if t not in cold)[3]
@@ -107,7 +107,7 @@ def wpe_planted(spark, tmp_path_factory):
     cfg = cfg.replace(**{"factors.plays": str(plays_path)})
     for table, rows in ((MELS, mels), (TRACK_FACTORS, factors), (USER_FACTORS, users), (EVAL_HOLDOUT, holdout)):
         write_table(_frame(spark, table, rows), wh, table, f"{table.name}-test")
-    ts = build_training_set(spark, cfg, "train-20260101T000000-wpe")
+    ts = build_training_set(stage_context(spark, cfg, "train", "train-20260101T000000-wpe"))
     return {"cfg": cfg, "wh": wh, "ts": ts, "users": users, "plays": plays, "cold": cold, "skip": skip}
 
 
@@ -143,7 +143,8 @@ def test_wpe_training_set_statistics_match_numpy(spark, wpe_planted):
     # The duplicate pair is summed (4 + 3 plays), the ghost user and the negative row ignored:
     # checked above through the same aggregation; the fingerprint keeps mse and wpe sets apart.
     mse_cfg = cfg.replace(**{"train.loss": "mse"})
-    assert inputs_fingerprint(mse_cfg, wh)[0] != inputs_fingerprint(cfg, wh)[0] == ts.fingerprint
+    assert (inputs_fingerprint(stage_context(spark, mse_cfg, "train"))[0]
+            != inputs_fingerprint(stage_context(spark, cfg, "train"))[0] == ts.fingerprint)
 
     # The loader delivers each track's weight beside its own target.
     weight_of = {tuple(np.float32(v) for v in t): np.asarray(w, np.float32)
@@ -163,7 +164,7 @@ def test_wpe_training_set_statistics_match_numpy(spark, wpe_planted):
 @pytest.mark.spark
 def test_wpe_training_run_publishes_a_raw_scale_model(spark, wpe_planted):
     cfg, wh = wpe_planted["cfg"], wpe_planted["wh"]
-    summary = train_mod.run(spark, cfg, "train-20260101T000001-wpe")
+    summary = run_stage(spark, cfg, "train")
     meta = load_artifact(model_dir(wh, latest_model_id(wh))).meta
     assert summary["model_id"] == meta["model_id"] and summary["epochs_run"] == 2
     assert meta["loss"] == "wpe" and meta["train"]["loss"] == "wpe"

@@ -131,10 +131,14 @@ class Lake:
     def commit_metadata(self, name: str, version: int | None = None) -> dict:
         """What the writer recorded with the commit of ``version`` (the latest by default):
         ``{"run_id": ...}`` plus anything passed as ``metadata`` to :func:`write_table`."""
-        dt = self.delta(name, version)
+        dt = self.delta(name)
         if dt is None:
             return {}
-        return parse_user_metadata(dt.history(1)[0].get("userMetadata"))
+        latest = dt.version()
+        version = latest if version is None else version
+        # history() is newest first and ignores the loaded version: take the commit of ``version``.
+        commits = [c for c in dt.history(latest - version + 1) if c.get("version") == version]
+        return parse_user_metadata(commits[0].get("userMetadata")) if commits else {}
 
     def describe(self) -> list[dict]:
         """One line per table: version, rows, files, bytes, last commit."""
