@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. ./run-tests.sh -m "not slow" for the quick tier.
 set -euo pipefail
 cd "$(dirname "$0")"
-bin/bootstrap.sh
+bin/bootstrap.sh --test
 exec .venv/bin/python -m pytest "$@"

@@ -56,3 +56,24 @@ if [ ! -f "$jar_stamp" ] || [ "$(cat "$jar_stamp")" != "$packages" ]; then
   ls .venv/jars/*.jar >/dev/null
   echo "$packages" > "$jar_stamp"
 fi
+
+# Test-only (`bin/bootstrap.sh --test`, as run-tests.sh calls it): the encoders that
+# tests/encoder_fixtures.py makes real-encoder files with (issue 10), installed only when one is
+# missing and we are root; otherwise those tests skip and say why.
+if [ "${1:-}" = "--test" ]; then
+  missing=""
+  for tool in lame ffmpeg sox opusenc opusdec oggenc oggdec flac; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "bootstrap: installing the test encoders (missing:$missing)" >&2
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+          lame ffmpeg sox opus-tools vorbis-tools flac >/dev/null; } ||
+        echo "bootstrap: apt-get could not install the test encoders; tests/test_real_encoders.py will skip" >&2
+    else
+      echo "bootstrap: test encoders missing:$missing; tests/test_real_encoders.py will skip" \
+           "(install: sudo apt-get install lame ffmpeg sox opus-tools vorbis-tools flac)" >&2
+    fi
+  fi
+fi

@@ -3,18 +3,24 @@
 Pure Python (no Spark).  A listing is a stream of :class:`CatalogueEntry` rows; the
 driver streams it to a Parquet file in bounded chunks (never a list of the whole
 catalogue in memory), and the executors read each file's bytes with
-:func:`read_source`.  S3 goes through boto3 and the standard AWS credential chain
+:func:`read_source`, confined to the roots of :func:`effective_roots`
+(:mod:`deepcuts.audio.confine`: regular files under a root, at most ``max_file_bytes``).  S3 goes through boto3 and the standard AWS credential chain
 (``AWS_ENDPOINT_URL`` points it at another endpoint); credentials are never logged.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from deepcuts.audio import confine
+from deepcuts.audio.reasons import TOO_LARGE, RejectedAudio
 
 # Reason codes for catalogue-level problems (beside deepcuts.audio.decode's decode reasons).
 BAD_MANIFEST_ROW = "bad_manifest_row"
@@ -58,10 +64,16 @@ def _has_extension(name: str, extensions: Iterable[str]) -> bool:
 
 
 def list_folder(root: str, extensions: Iterable[str]) -> Iterator[CatalogueEntry]:
-    """Every audio file below ``root`` (recursive, sorted, symlinked files followed)."""
+    """Every audio file below ``root`` (recursive, sorted; symlinked folders are not entered).
+
+    Every path is resolved: a symlinked file that stays inside the root is listed with its
+    target's size and version; one that resolves outside it is listed with the link's own
+    (``lstat``: its target is never touched) and the executor rejects it as ``outside_root``,
+    as it does FIFOs, devices and sockets (``not_a_file``), so each lands in ``ingest_rejects``."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"catalogue folder {root} does not exist")
+    real_root = confine.resolve_root(root)
     extensions = tuple(extensions)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -70,12 +82,32 @@ def list_folder(root: str, extensions: Iterable[str]) -> Iterator[CatalogueEntry
                 continue
             path = os.path.join(dirpath, name)
             try:
-                st = os.stat(path)
+                inside = confine.is_under(os.path.realpath(path), real_root)
+                st = os.stat(path) if inside else os.lstat(path)
             except OSError:
-                size, version = None, None   # vanished mid-listing: the executor reports it
+                size, version = None, None   # vanished mid-listing, or a dangling link: the executor reports it
             else:
-                size, version = st.st_size, str(st.st_mtime_ns)
+                size = st.st_size if stat.S_ISREG(st.st_mode) else None
+                version = str(st.st_mtime_ns) if inside else f"link:{st.st_mtime_ns}"
             yield CatalogueEntry(track_id_from_path(os.path.relpath(path, root)), path, None, size, version)
+
+
+def effective_roots(source: str, allowed_roots: Iterable[str] = ()) -> tuple[str, ...]:
+    """Where the sources of ``ingest.source`` may resolve to, resolved (on the driver).
+
+    ``allowed_roots`` ([] by default) plus the source's own root: the folder of a folder
+    source, the bucket of an ``s3://`` source; a manifest's folder only when ``allowed_roots``
+    is empty (a manifest usually lists audio kept elsewhere: name it there)."""
+    roots = [confine.resolve_root(r) for r in allowed_roots]
+    kind = source_kind(source)
+    if kind == "folder":
+        roots.append(confine.resolve_root(source))
+    elif kind == "s3":
+        roots.append(f"s3://{split_s3(source)[0]}/")
+    elif not roots:
+        roots.append(f"s3://{split_s3(source)[0]}/" if source.startswith("s3://")
+                     else confine.resolve_root(os.path.dirname(os.path.abspath(source))))
+    return tuple(dict.fromkeys(roots))
 
 
 def s3_client():
@@ -141,8 +173,10 @@ def _chunk_table(chunk: list[CatalogueEntry]) -> pa.Table:
     }, schema=LISTING_SCHEMA)
 
 
-def stat_source(uri: str, client=None) -> tuple[int, str]:
-    """(size, version) of one source; raises FileNotFoundError when it is gone."""
+def stat_source(uri: str, client=None, roots: tuple[str, ...] = ()) -> tuple[int, str]:
+    """(size, version) of one source; raises FileNotFoundError when it is gone, and
+    :class:`RejectedAudio` (outside_root) without touching it when it lies outside ``roots``."""
+    confine.check_uri(uri, roots)
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
         client = client or s3_client()
@@ -157,14 +191,31 @@ def stat_source(uri: str, client=None) -> tuple[int, str]:
     return st.st_size, str(st.st_mtime_ns)
 
 
-def read_source(uri: str, client=None) -> bytes:
-    """The bytes of one source file (local path or s3://)."""
+@contextlib.contextmanager
+def open_source(uri: str, client=None, roots: tuple[str, ...] = (), max_bytes: int | None = None):
+    """(bytes, descriptor or None) of one source, confined like :func:`read_source`: a local file
+    stays open while the caller decodes (libsndfile reads it directly), an S3 object has none."""
     if uri.startswith("s3://"):
+        yield read_source(uri, client, roots, max_bytes), None
+        return
+    with confine.open_local(uri, roots, max_bytes) as opened:
+        yield opened
+
+
+def read_source(uri: str, client=None, roots: tuple[str, ...] = (), max_bytes: int | None = None) -> bytes:
+    """The bytes of one source file (local path or s3://), confined to ``roots`` (() = anywhere)
+    and ``max_bytes``: :class:`RejectedAudio` (outside_root, not_a_file, too_large) before reading."""
+    if uri.startswith("s3://"):
+        confine.check_uri(uri, roots)
         bucket, key = split_s3(uri)
         client = client or s3_client()
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            obj = client.get_object(Bucket=bucket, Key=key)
         except client.exceptions.NoSuchKey as exc:
             raise FileNotFoundError(uri) from exc
-    with open(uri, "rb") as fh:
-        return fh.read()
+        size = int(obj.get("ContentLength") or 0)
+        if max_bytes and size > max_bytes:
+            obj["Body"].close()
+            raise RejectedAudio(TOO_LARGE, f"{size} bytes > ingest.max_file_bytes = {max_bytes}")
+        return obj["Body"].read()
+    return confine.read_local(uri, roots, max_bytes)

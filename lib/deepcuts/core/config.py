@@ -183,6 +183,28 @@ class NeighboursConf:
 
 
 @dataclass(frozen=True)
+class BaselineConf:
+    n_mfcc: int = rule(min=1, max=128, doc="MFCCs per frame (each with its delta and delta-delta)")
+    delta_width: int = rule(choices=(3, 5, 7, 9, 11, 13, 15), doc="frames of the Savitzky-Golay delta window")
+    codebook_size: int = rule(min=2, doc="K-means codewords (the bag-of-words vocabulary)")
+    kmeans_frames_per_track: int = rule(min=1, doc="frames each track gives the K-means sample")
+    kmeans_max_frames: int = rule(min=100, doc="K-means sample cap: tracks are hash-sampled beyond it")
+    kmeans_iterations: int = rule(min=1)
+    seed: int = rule(min=0)
+    pca_variance: float = rule(min=0.0, max=1.0, min_exclusive=True, doc="share of variance PCA keeps")
+    ridge: float = rule(min=0.0, doc="ridge penalty relative to the kept components' mean variance")
+
+
+@dataclass(frozen=True)
+class EvaluateConf:
+    model: str = rule(doc="model id of the CNN row; empty = infer.model, else the latest")
+    splits: list[str] = rule(choices=("cold", "validation"))
+    predictors: list[str] = rule(choices=("random", "baseline", "cnn", "upper_bound"))
+    users_per_task: int = rule(min=1, doc="users per scoring task (about: hash blocks)")
+    candidates_per_block: int = rule(min=1, doc="candidate tracks per block a task holds")
+
+
+@dataclass(frozen=True)
 class Config:
     warehouse: WarehouseConf
     spark: SparkConf
@@ -192,6 +214,8 @@ class Config:
     train: TrainConf
     infer: InferConf
     neighbours: NeighboursConf
+    baseline: BaselineConf
+    evaluate: EvaluateConf
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides, validated like the file."""

@@ -362,6 +362,7 @@ def merge_table(spark, lk: Lake, table: Table, run_id: str, upserts, deletes=Non
         return write_table(rows.where(~F.col("_delete")).drop("_delete"), lk, table, run_id,
                            rows_per_file=rows_per_file, row_group_rows=row_group_rows,
                            row_bytes=row_bytes, retention_hours=retention_hours)
+    add_missing_columns(spark, lk, table)
     columns = spark_schema(table).names
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in key)
 
@@ -381,6 +382,18 @@ def merge_table(spark, lk: Lake, table: Table, run_id: str, upserts, deletes=Non
     committed = _commit_version(spark, lk, table)
     log.info("committed %s %s (merge, run %s)", table.name, committed, run_id)
     return committed
+
+
+def add_missing_columns(spark, lk: Lake, table: Table) -> list[str]:
+    """Schema evolution for a MERGE: nullable columns added to the declared schema since the
+    table was created are added to the Delta table first (one metadata-only commit)."""
+    present = set(spark.read.format("delta").load(lk.table_uri(table.name)).columns)
+    missing = [f for f in spark_schema(table).fields if f.name not in present]
+    if missing:
+        cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{lk.table_uri(table.name)}` ADD COLUMNS ({cols})")
+        log.info("%s: added columns %s", table.name, [f.name for f in missing])
+    return [f.name for f in missing]
 
 
 def compact(spark, lk: Lake, table: Table, *, min_small_files: int, small_file_bytes: int,

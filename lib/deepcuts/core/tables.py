@@ -49,6 +49,10 @@ MELS = _table(
     F("source_version", pa.string(), nullable=False),
     F("labels", pa.string()),
     F("ingest_run_id", pa.string(), nullable=False),
+    # Issue 10: a file whose decodable audio ends well before its header's promise is ingested from
+    # what decodes (unless ingest.reject_truncated): where it ends, and why, are kept with the mel.
+    F("truncated_at_s", pa.float64()),
+    F("warnings", pa.string()),
     cluster_by=("track_id",),
 )
 

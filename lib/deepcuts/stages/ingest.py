@@ -16,6 +16,7 @@ keys (Delta prunes by the file statistics of ``track_id``).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import time
 from typing import Iterator
@@ -55,14 +56,22 @@ def _s3():
 
 
 def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, run_id: str) -> dict:
-    """One listing row -> one ``mels`` row, or a row with ``reason``/``detail`` set."""
+    """One listing row -> one ``mels`` row, or a row with ``reason``/``detail`` set.
+
+    The file is read confined to ``p.allowed_roots`` and ``p.max_file_bytes`` (outside_root,
+    not_a_file, too_large are decided before a byte is read); a truncated file that is still
+    ingested carries ``truncated_at_s`` and ``warnings``."""
     row = {"track_id": track_id, "source_uri": uri, "labels": labels, "ingest_run_id": run_id,
            "source_size": None if pd.isna(size) else int(size), "source_version": version,
            "reason": None, "detail": None}
     try:
-        data = catalogue.read_source(uri, _s3() if uri.startswith("s3://") else None)
-        row["source_size"] = len(data)
-        feats = audio.featurise(data, p, audio.suffix_of(uri))
+        if row["source_size"] is not None and p.max_file_bytes and row["source_size"] > p.max_file_bytes:
+            raise RejectedAudio(audio.TOO_LARGE, f"{row['source_size']} bytes > ingest.max_file_bytes = "
+                                f"{p.max_file_bytes}")
+        with catalogue.open_source(uri, _s3() if uri.startswith("s3://") else None,
+                                   roots=p.allowed_roots, max_bytes=p.max_file_bytes) as (data, fd):
+            row["source_size"] = len(data)
+            feats = audio.featurise(data, p, audio.suffix_of(uri), fd=fd)
     except RejectedAudio as rej:
         row.update(reason=rej.reason, detail=rej.detail)
         return row
@@ -78,7 +87,7 @@ def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, 
     row.update(mel=audio.mel_to_bytes(feats.mel), n_mels=feats.mel.shape[0], n_frames=feats.mel.shape[1],
                sample_rate=p.sample_rate, hop_length=p.hop_length,
                excerpt_offset_s=feats.excerpt_offset_s, duration_s=feats.duration_s,
-               fingerprint=audio.fingerprint(data))
+               fingerprint=audio.fingerprint(data), truncated_at_s=feats.truncated_at_s, warnings=feats.warning)
     return row
 
 
@@ -90,38 +99,55 @@ def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
     decode speed as a real-time factor per core."""
     python_worker_setup()
     columns = DECODED_SCHEMA.names
-    for batch in batches:
-        started = time.process_time()
-        rows = [featurise_row(r.track_id, r.uri, r.labels, r.source_size, r.source_version, p, run_id)
-                for r in batch.itertuples(index=False)]
-        if cpu_seconds is not None:
-            cpu_seconds.add(time.process_time() - started)
-            excerpt_seconds.add(sum(r["n_frames"] * p.hop_length / p.sample_rate for r in rows
-                                    if r["reason"] is None))
-        yield pd.DataFrame(rows, columns=columns)
+    with _one_blas_thread():
+        for batch in batches:
+            started = time.process_time()
+            rows = [featurise_row(r.track_id, r.uri, r.labels, r.source_size, r.source_version, p, run_id)
+                    for r in batch.itertuples(index=False)]
+            if cpu_seconds is not None:
+                cpu_seconds.add(time.process_time() - started)
+                excerpt_seconds.add(sum(r["n_frames"] * p.hop_length / p.sample_rate for r in rows
+                                        if r["reason"] is None))
+            yield pd.DataFrame(rows, columns=columns)
 
 
-def stat_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """Fill in (size, version) where the listing could not (manifest rows)."""
+def _one_blas_thread():
+    """A task has one core: BLAS threads (the mixdown and mel matmuls) would only spin against
+    the other tasks' workers."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                  # optional (it comes with scikit-learn, librosa's dependency)
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def stat_partition(batches: Iterator[pd.DataFrame], base_dir: str | None = None,
+                   roots: tuple[str, ...] = ()) -> Iterator[pd.DataFrame]:
+    """Resolve manifest URIs against ``base_dir`` (the manifest's folder, made absolute on the
+    driver) and fill in (size, version) where the listing could not.  A URI outside ``roots``
+    is not stat'ed (decode rejects it as outside_root)."""
     for batch in batches:
+        uris = batch["uri"] if base_dir is None else [catalogue.resolve_uri(u, base_dir) for u in batch["uri"]]
         sizes, versions = [], []
-        for uri, size, version in zip(batch["uri"], batch["source_size"], batch["source_version"]):
+        for uri, size, version in zip(uris, batch["source_size"], batch["source_version"]):
             if not pd.isna(size) and version is not None:
                 sizes.append(int(size))
                 versions.append(version)
                 continue
             try:
-                s, v = catalogue.stat_source(uri, _s3() if uri.startswith("s3://") else None)
-            except Exception:  # gone or unreadable: decode reports why, with the row kept
+                s, v = catalogue.stat_source(uri, _s3() if uri.startswith("s3://") else None, roots)
+            except Exception:  # gone, unreadable or outside: decode reports why, with the row kept
                 s, v = None, None
             sizes.append(s)
             versions.append(v)
-        yield batch.assign(source_size=pd.array(sizes, dtype="Int64"), source_version=versions)
+        yield batch.assign(uri=list(uris), source_size=pd.array(sizes, dtype="Int64"), source_version=versions)
 
 
 # --- driver side (Spark wiring) -----------------------------------------------------------
 def _read_manifest(spark, path: str):
-    """Manifest rows (track_id, uri, labels) with URIs resolved, and its bad rows as rejects."""
+    """Manifest rows (track_id, uri as written, labels), and its bad rows as rejects.  URIs are
+    resolved by :func:`stat_partition` against the folder :func:`list_catalogue` passes."""
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
     if path.lower().endswith(".csv"):
@@ -132,13 +158,8 @@ def _read_manifest(spark, path: str):
     if missing:
         raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; needs track_id, uri[, labels]")
     labels = F.col("labels").cast("string") if "labels" in raw.columns else F.lit(None).cast("string")
-    base = posixpath.dirname(path)
-    uri = F.trim(F.col("uri").cast("string"))
-    resolved = (F.when(uri.startswith("s3://") | uri.startswith("/"), uri)
-                .when(uri.startswith("file://"), F.expr("substring(trim(uri), 8)"))
-                .otherwise(F.concat(F.lit(base + "/"), uri)))
     rows = raw.select(F.trim(F.col("track_id").cast("string")).alias("track_id"),
-                      resolved.alias("uri"), labels.alias("labels"),
+                      F.trim(F.col("uri").cast("string")).alias("uri"), labels.alias("labels"),
                       F.monotonically_increasing_id().alias("_row"))
     bad = F.col("track_id").isNull() | (F.col("track_id") == "") | F.col("uri").isNull() | (F.col("uri") == "")
     bad_rows = rows.filter(bad).select(
@@ -169,7 +190,11 @@ def list_catalogue(spark, cfg: Config, lk: Lake, run_id: str):
             raise ConfigError("ingest.source: a manifest on S3 is not supported; list the s3:// prefix instead")
         listing, rejects = _read_manifest(spark, source)
         listing_schema: StructType = from_arrow_schema(catalogue.LISTING_SCHEMA)
-        listing = listing.mapInPandas(stat_partition, listing_schema)
+        # Relative URIs are relative to the manifest: its folder, absolute here on the driver
+        # (an executor's working directory is not the operator's).
+        base_dir = os.path.dirname(os.path.abspath(source))
+        roots = catalogue.effective_roots(source, cfg.ingest.allowed_roots)
+        listing = listing.mapInPandas(lambda it: stat_partition(it, base_dir, roots), listing_schema)
         return listing, rejects
     entries = (catalogue.list_s3(source, cfg.ingest.extensions) if kind == "s3"
                else catalogue.list_folder(source, cfg.ingest.extensions))
@@ -228,6 +253,7 @@ def run(ctx) -> dict:
                             from_arrow_schema(DECODED_SCHEMA))
                .persist(StorageLevel.DISK_ONLY))   # decode once; both tables read it
     reason_counts = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
+    n_warned = decoded.filter(F.col("reason").isNull() & F.col("warnings").isNotNull()).count()
     n_ok = reason_counts.pop(None, 0)
 
     # Mels: one MERGE on track_id.  Decoded rows replace or add theirs; superseded rows
@@ -275,6 +301,7 @@ def run(ctx) -> dict:
         "skipped_unchanged": status_counts.get("unchanged", 0),
         "skipped_rejected_unchanged": status_counts.get("rejected_unchanged", 0),
         "ingested": n_ok,
+        "ingested_with_warnings": n_warned,
         "rejected": rejected,
         "missing_sources": n_missing,
         "decode_cpu_s": round(cpu_acc.value, 2),
