@@ -162,7 +162,7 @@ def test_cli_demo_catalogue(tmp_path):
          "--set", "demo.min_seconds=1.0", "--set", "demo.max_seconds=1.5", "--set", "demo.workers=2"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "deepcuts demo: done" in result.stdout and "tracks" in result.stdout
+    assert "deepcuts demo-catalogue: done" in result.stdout and "tracks" in result.stdout
     rows = read_manifest(out / "catalogue" / "manifest.csv")
     assert len(rows) == 8 and all((out / "catalogue" / r["uri"]).is_file() for r in rows)
     assert pq.read_table(out / "plays.parquet").num_rows > 0
