@@ -45,7 +45,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("factors", "deepcuts.stages.factors:run",
           reads=(T.MELS,),
           writes=(T.USER_FACTORS, T.TRACK_FACTORS, T.USER_INDEX, T.TRACK_INDEX, T.PLAYS_REJECTS,
-                  T.EVAL_HOLDOUT, T.FACTOR_METRICS, T.UPPER_BOUND_FACTORS),
+                  T.EVAL_HOLDOUT, T.FACTOR_METRICS),
           doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout)"),
     Stage("train", "deepcuts.stages.train:run",
           reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT, T.FACTOR_METRICS),
@@ -56,23 +56,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS),
           writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS),
           doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors"),
-    Stage("baseline", "deepcuts.stages.baseline:run",
-          reads=(T.MELS, T.TRACK_FACTORS, T.VALIDATION_EXAMPLES),
-          writes=(T.BASELINE_FACTORS, T.BASELINE_REJECTS),
-          doc="mels -> MFCC bag-of-words -> PCA -> ridge: the paper's baseline_factors"),
-    Stage("evaluate", "deepcuts.stages.evaluate:run",
-          reads=(T.MELS, T.USER_FACTORS, T.TRACK_FACTORS, T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS,
-                 T.BASELINE_FACTORS, T.PREDICTED_FACTORS, T.VALIDATION_EXAMPLES),
-          writes=(T.EVALUATION_RESULTS,),
-          doc="random / baseline / CNN / upper bound on the same users and candidates -> evaluation_results"),
-    Stage("neighbours", "deepcuts.stages.neighbours:run",
-          reads=(T.SERVING_FACTORS, T.PREDICTED_FACTORS, T.USER_FACTORS, T.MELS),
-          writes=(T.SIMILAR_TRACKS, T.SOUNDS_LIKE, T.USER_RECOMMENDATIONS, T.NEIGHBOUR_METRICS,
-                  T.NEIGHBOUR_REJECTS),
-          doc="sharded FAISS k-NN -> similar_tracks, sounds_like, user_recommendations"),
 )}
 
-NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "infer", "baseline", "evaluate", "neighbours")
+NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "infer")
 
 
 def stage(name: str) -> Stage:
