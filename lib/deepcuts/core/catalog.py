@@ -37,8 +37,7 @@ def rewrite_time_travel(sql: str, lk: Lake) -> str:
 
 
 def sql_main(argv: Sequence[str] | None = None) -> int:
-    from deepcuts.core.cli import EXIT_CONFIG, add_config_args, config_from_args
-    from deepcuts.core.config import ConfigError
+    from deepcuts.core.cli import EXIT_CONFIG, add_config_args, config_or_report
     from deepcuts.core.lake import lake
     from deepcuts.core.spark import get_session
     p = argparse.ArgumentParser(prog="deepcuts sql", description=__doc__.split("\n\n")[0])
@@ -47,10 +46,8 @@ def sql_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=50, help="rows printed (default 50)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"deepcuts sql: configuration error: {exc}", file=sys.stderr)
+    cfg = config_or_report(args, "sql")
+    if cfg is None:
         return EXIT_CONFIG
     lk = lake(cfg)
     spark = get_session(cfg, f"{cfg.spark.app_name}-sql")

@@ -55,6 +55,15 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.conf_file, overrides(args.overrides))
 
 
+def config_or_report(args: argparse.Namespace, command: str):
+    """The config, or None after printing the one-line configuration error (exit 2)."""
+    try:
+        return config_from_args(args)
+    except ConfigError as exc:
+        print(f"deepcuts {command}: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,10 +170,8 @@ def demo_catalogue_main(argv: Sequence[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--force", action="store_true", help="render again even if present")
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"deepcuts demo-catalogue: configuration error: {exc}", file=sys.stderr)
+    cfg = config_or_report(args, "demo-catalogue")
+    if cfg is None:
         return EXIT_CONFIG
     if demo_data_present(cfg) and not args.force:
         print(f"demo catalogue present in {cfg.demo.out_dir}: not regenerated (--force to redo)")
