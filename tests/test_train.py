@@ -76,7 +76,8 @@ def planted_catalogue(n_tracks: int = 160, n_users: int = 120, cold_share: float
 
 def _frame(spark, table, rows: pd.DataFrame):
     from deepcuts.core.tables import spark_schema
-    return spark.createDataFrame(rows[table.columns], spark_schema(table))
+    rows = rows.reindex(columns=table.columns)          # columns a test leaves out are null
+    return spark.createDataFrame(rows.astype(object).where(rows.notna(), None), spark_schema(table))
 
 
 @pytest.fixture(scope="module")
