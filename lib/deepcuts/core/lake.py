@@ -116,17 +116,33 @@ class Lake:
             return []
         return sorted(_local_or_s3(uri) for uri in dt.file_uris())
 
+    def _add_actions(self, name: str, version: int | None):
+        """The log's add actions (one row per data file) of one version, or None."""
+        dt = self.delta(name, version)
+        return None if dt is None else _arrow(dt.get_add_actions(flatten=True))
+
     def file_stats(self, name: str, version: int | None = None) -> tuple[int, int, int]:
         """(rows, files, bytes) of one version, from the Delta log alone."""
-        dt = self.delta(name, version)
-        if dt is None:
-            return 0, 0, 0
-        actions = _arrow(dt.get_add_actions(flatten=True))
-        if actions.num_rows == 0:
+        actions = self._add_actions(name, version)
+        if actions is None or actions.num_rows == 0:
             return 0, 0, 0
         rows = actions.column("num_records").to_pylist()
         sizes = actions.column("size_bytes").to_pylist()
         return int(sum(r or 0 for r in rows)), actions.num_rows, int(sum(sizes))
+
+    def row_count(self, name: str, version: int | None = None) -> int | None:
+        """Rows of one version from the files' statistics in the log (None when a file has
+        none, e.g. written by a tool that skips them)."""
+        actions = self._add_actions(name, version)
+        if actions is None or actions.num_rows == 0:
+            return 0
+        rows = actions.column("num_records").to_pylist()
+        return None if any(r is None for r in rows) else int(sum(rows))
+
+    def columns(self, name: str) -> list[str]:
+        """The table's column names from its log (no Spark job)."""
+        dt = self.delta(name)
+        return [] if dt is None else [f.name for f in dt.schema().fields]
 
     def commit_metadata(self, name: str, version: int | None = None) -> dict:
         """What the writer recorded with the commit of ``version`` (the latest by default):
@@ -301,11 +317,19 @@ def _with_retries(what: str, attempt, retries: int):
             time.sleep(wait)
 
 
-def _commit_version(spark, lk: Lake, table: Table) -> TableVersion:
-    from delta.tables import DeltaTable
-    dt = DeltaTable.forPath(spark, lk.table_uri(table.name))
-    version = dt.history(1).select("version").first()[0]
-    rows = spark.read.format("delta").option("versionAsOf", version).load(lk.table_uri(table.name)).count()
+def _commit_version(spark, lk: Lake, table: Table, run_id: str) -> TableVersion:
+    """The version this run just committed and the table's rows there, from the Delta log
+    alone (delta-rs: no Spark job).  A concurrent writer may have committed after us, so the
+    version is the newest commit carrying this run's id, not simply the latest."""
+    dt = lk.delta(table.name)
+    version = dt.version()
+    for commit in dt.history(16):
+        if parse_user_metadata(commit.get("userMetadata")).get("run_id") == run_id:
+            version = int(commit["version"])
+            break
+    rows = lk.row_count(table.name, version)
+    if rows is None:   # a file written without statistics: count it
+        rows = spark.read.format("delta").option("versionAsOf", version).load(lk.table_uri(table.name)).count()
     return TableVersion(table.name, int(version), int(rows))
 
 
@@ -334,7 +358,7 @@ def write_table(df, lk: Lake, table: Table, run_id: str, *, mode: str = "overwri
         with file_layout(spark, rows_per_file, row_group_rows, row_bytes):
             writer.save(lk.table_uri(table.name))
     _with_retries(f"write {table.name}", attempt, retries if mode == "append" else 0)
-    committed = _commit_version(spark, lk, table)
+    committed = _commit_version(spark, lk, table, run_id)
     log.info("committed %s %s (%s, run %s)", table.name, committed, mode, run_id)
     return committed
 
@@ -379,7 +403,7 @@ def merge_table(spark, lk: Lake, table: Table, run_id: str, upserts, deletes=Non
         finally:
             spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
     _with_retries(f"merge {table.name}", attempt, retries)
-    committed = _commit_version(spark, lk, table)
+    committed = _commit_version(spark, lk, table, run_id)
     log.info("committed %s %s (merge, run %s)", table.name, committed, run_id)
     return committed
 
@@ -387,7 +411,7 @@ def merge_table(spark, lk: Lake, table: Table, run_id: str, upserts, deletes=Non
 def add_missing_columns(spark, lk: Lake, table: Table) -> list[str]:
     """Schema evolution for a MERGE: nullable columns added to the declared schema since the
     table was created are added to the Delta table first (one metadata-only commit)."""
-    present = set(spark.read.format("delta").load(lk.table_uri(table.name)).columns)
+    present = set(lk.columns(table.name))
     missing = [f for f in spark_schema(table).fields if f.name not in present]
     if missing:
         cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)

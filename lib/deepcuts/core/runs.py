@@ -52,15 +52,21 @@ def code_version() -> str:
     return f"{__version__}+{sha}{'.dirty' if dirty else ''}" if sha else __version__
 
 
-def published_versions(spark, lk: lakeio.Lake) -> dict[str, int]:
-    """table -> the newest version a succeeded run wrote (the pins readers use)."""
-    from pyspark.sql import functions as F
-    if not lk.exists(RUNS.name):
+def published_versions(lk: lakeio.Lake) -> dict[str, int]:
+    """table -> the newest version a succeeded run wrote (the pins readers use).  Read from
+    the small ``runs`` table through delta-rs: no Spark job per stage."""
+    dt = lk.delta(RUNS.name)
+    if dt is None:
         return {}
-    rows = (lakeio.read_table(spark, lk, RUNS).where(F.col("status") == SUCCEEDED)
-            .select(F.explode("tables_written").alias("table", "version"))
-            .groupBy("table").agg(F.max("version").alias("version")).collect())
-    return {r["table"]: int(r["version"]) for r in rows}
+    manifest = dt.to_pyarrow_dataset().to_table(columns=["status", "tables_written"]).to_pydict()
+    pins: dict[str, int] = {}
+    for status, written in zip(manifest["status"], manifest["tables_written"]):
+        if status != SUCCEEDED:
+            continue
+        for table, version in (written or []):
+            if version is not None:
+                pins[table] = max(pins.get(table, -1), int(version))
+    return pins
 
 
 @dataclass
@@ -92,7 +98,7 @@ class StageRun:
         if table.name in self.written:
             return self.written[table.name].version
         if self._pins is None:
-            self._pins = published_versions(self.spark, self.lake)
+            self._pins = published_versions(self.lake)
         latest = self.lake.version(table.name)
         if latest is None:
             return None
@@ -189,6 +195,20 @@ class StageRun:
         lakeio.write_table(df, self.lake, RUNS, self.run_id, mode="append",
                            retention_hours=self.cfg.warehouse.retention_hours,
                            retries=self.cfg.warehouse.commit_retries)
+
+
+class Laps:
+    """Wall seconds of a stage's named steps, for its summary: ``lap("fit")`` closes the step
+    that started at the previous call (or at construction)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
 
 
 def rejects_of(summary: dict) -> dict[str, int]:
