@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,57 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+# The small demo through every nightly stage, once per session: the chain tests of train,
+# baseline/evaluate and neighbours read it (a chain costs minutes on 2 cores; each module
+# running its own was most of the suite's time).  A test that changes tables works on a copy
+# (``copy_chain``).
+CHAIN_SETTINGS = {
+    **SMALL_DEMO,
+    "train.conv_channels": [24, 24, 24], "train.dense_units": 48, "train.dropout": 0.1, "train.epochs": 8,
+    "train.batch_size": 16, "train.learning_rate": 0.003, "train.patience": 4, "train.rows_per_row_group": 16,
+    "train.shuffle_buffer_rows": 64, "train.validation_fraction": 0.15, "train.loader_workers": 1,
+    "factors.rank": 16, "factors.iterations": 6,
+    # the small demo's ~60 fit tracks: a codebook of 64 words, K-means on 3k frames
+    "baseline.codebook_size": 64, "baseline.kmeans_frames_per_track": 50, "baseline.kmeans_iterations": 15,
+    # several candidate and user blocks even on the small demo (the multi-block path)
+    "evaluate.candidates_per_block": 12, "evaluate.users_per_task": 100,
+    "neighbours.top_n": 10,
+}
+
+
+@dataclass
+class DemoChain:
+    cfg: Config
+    root: Path
+    settings: dict              # every setting that differs from conf/ (for CLI --set)
+    summaries: dict             # stage -> its summary
+
+
+@pytest.fixture(scope="session")
+def demo_chain(spark, demo_root, tmp_path_factory) -> DemoChain:
+    """ingest -> factors -> train -> baseline -> infer -> evaluate -> neighbours on the small
+    demo catalogue, in the shared session, exactly as the nightly job runs them."""
+    from deepcuts.core.registry import NIGHTLY
+    root = tmp_path_factory.mktemp("demo-chain")
+    settings = {**CHAIN_SETTINGS, "ingest.source": str(demo_root / "demo" / "catalogue" / "manifest.csv"),
+                "factors.plays": str(demo_root / "demo" / "plays.parquet"),
+                "demo.out_dir": str(demo_root / "demo"), "warehouse.root": str(root / "warehouse"),
+                "spark.checkpoint_dir": str(root / "checkpoints")}
+    cfg = make_config(root).replace(**settings)
+    summaries = {name: run_stage(spark, cfg, name) for name in NIGHTLY}
+    return DemoChain(cfg, root, settings, summaries)
+
+
+def copy_chain(chain: DemoChain, dest: Path) -> DemoChain:
+    """A private copy of the chain's warehouse (Delta tables are self-contained folders)."""
+    import shutil
+    shutil.copytree(chain.root / "warehouse", dest / "warehouse")
+    settings = {**chain.settings, "warehouse.root": str(dest / "warehouse"),
+                "spark.checkpoint_dir": str(dest / "checkpoints")}
+    return DemoChain(chain.cfg.replace(**{k: settings[k] for k in ("warehouse.root", "spark.checkpoint_dir")}),
+                     dest, settings, chain.summaries)
+
+
 @pytest.fixture
 def small_config(tmp_path, demo_root) -> Config:
     """Config whose inputs are the shared demo catalogue and whose warehouse is fresh."""
@@ -67,17 +119,31 @@ def small_config(tmp_path, demo_root) -> Config:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real HTTP S3 endpoint on loopback (moto); boto3 reaches it through the standard
+    """A real HTTP S3 endpoint on loopback (moto's server, in its own process: delta-rs and
+    pyarrow in this process block on it while holding the GIL, which a server thread here
+    would need to answer); boto3, pyarrow, delta-rs and Spark reach it through the standard
     AWS chain: AWS_ENDPOINT_URL and dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
     import socket
+    import subprocess
+    import time
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    # A secret no log line could contain by chance: the S3 tier greps every log for it.
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIADEEPCUTSTEST",
+           "AWS_SECRET_ACCESS_KEY": "dc-secret-" + os.urandom(8).hex(), "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env["AWS_ENDPOINT_URL"]
@@ -86,7 +152,8 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from deepcuts.nn.model import FactorCNN, latest_model_id, load_artifact, save_ar
 from deepcuts.core.lake import lake, read_pandas
 from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
-from conftest import make_config, run_stage, stage_context, write_arrow, write_rows
+from conftest import copy_chain, make_config, run_stage, stage_context, write_arrow, write_rows
 
 N_MELS = 128
 RANK = 32
@@ -29,9 +29,9 @@ def make_artifact(cfg, model_id: str, seed: int, loss: str = "mse") -> str:
     torch = pytest.importorskip("torch")
     torch.manual_seed(seed)
     train = {**dataclasses.asdict(cfg.train), "loss": loss}
-    model = FactorCNN.from_train_conf(train, n_mels=N_MELS, out_dim=RANK)
+    model = FactorCNN.from_train_conf(train, n_mels=N_MELS, out_dim=cfg.factors.rank)
     rng = np.random.default_rng(seed)
-    meta = {"target": "factors", "n_mels": N_MELS, "out_dim": RANK, "train": train,
+    meta = {"target": "factors", "n_mels": N_MELS, "out_dim": cfg.factors.rank, "train": train,
             "mel_mean": rng.normal(-30, 2, N_MELS).tolist(), "mel_std": rng.uniform(5, 10, N_MELS).tolist(),
             "crop_frames": 130, "factors_run_id": "factors-test"}
     return save_artifact(lake(cfg), model_id, model, meta)
@@ -331,11 +331,10 @@ def test_a_model_outside_the_als_space_is_refused():
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_demo_catalogue_every_ingested_track_served_once(spark, small_config, tmp_path):
-    """The real chain on the demo catalogue: ingest -> factors -> (a model) -> infer."""
-    cfg = small_config.replace(**{**SMALL_NET, "factors.evaluate": False, "factors.iterations": 5})
-    run_stage(spark, cfg, "ingest")
-    run_stage(spark, cfg, "factors")
+def test_demo_catalogue_every_ingested_track_served_once(spark, demo_chain, tmp_path):
+    """The real chain on the demo catalogue (a copy of the shared one): ingest -> factors ->
+    a new model -> infer rescores and serves every track once."""
+    cfg = copy_chain(demo_chain, tmp_path).cfg
     wh = lake(cfg)
     mels = read_pandas(wh, MELS.name)
     als = read_pandas(wh, TRACK_FACTORS.name).set_index("track_id")

@@ -1,5 +1,5 @@
 """The operator's nightly run, end to end: `python -m deepcuts pipeline` on a small demo
-catalogue (demo -> ingest -> factors -> train -> infer), then the same night again."""
+catalogue (every stage of the registry's NIGHTLY order), then the same night again."""
 import os
 import subprocess
 import sys
@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import SMALL_DEMO
+from deepcuts.core.registry import NIGHTLY
 from deepcuts.core.lake import Lake, read_pandas
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -44,13 +45,13 @@ def nightly(tmp_path_factory):
     wh = Lake(str(root / "warehouse"))
     tables = {name: read_pandas(wh, name) for name in
               ("mels", "track_factors", "user_factors", "predicted_factors", "serving_factors",
-               "factor_metrics", "ingest_rejects")}
+               "evaluation_results", "ingest_rejects")}
     second = _run_pipeline(root, "--stages", "ingest,infer")
     return {"root": root, "wh": wh, "first": first, "second": second, "tables": tables}
 
 
 def test_every_stage_ran_and_printed_its_summary(nightly):
-    for stage in ("ingest", "factors", "train", "infer"):
+    for stage in NIGHTLY:
         assert f"=== deepcuts {stage}: done" in nightly["first"]
 
 

@@ -10,6 +10,7 @@ COMMANDS = {
     "sql": "deepcuts.core.catalog:sql_main",
     "demo-catalogue": "deepcuts.core.cli:demo_catalogue_main",
     "similar": "deepcuts.knn.query:similar_main",
+    "evaluate": "deepcuts.stages.evaluate:evaluate_main",
 }
 
 USAGE = f"""usage: python -m deepcuts COMMAND [args]
@@ -19,7 +20,8 @@ commands:
   tables                         list the Delta tables (version, rows, files, size)
   sql "SELECT ..."               Spark SQL over deepcuts.<table> (time travel: deepcuts.<table>@v<N>)
   demo-catalogue                 render the demo catalogue and play counts (run-demo.sh)
-  similar FILE... [--k K] [--json]  query by audio: the catalogue tracks that sound most like FILE
+  similar FILE... [--k K] [--index NAME] [--json]  query by audio: the catalogue tracks that sound most like FILE
+  evaluate [--model ID] [--splits S] [--predictors P]  every predictor on the same users and candidates: print the table
 """
 
 

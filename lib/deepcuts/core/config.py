@@ -143,7 +143,6 @@ class TrainConf:
     shuffle_buffer_rows: int = rule(min=1, doc="rows shuffled across row groups before batching")
     epoch_retries: int = rule(min=0, doc="re-reads of an epoch that Petastorm ends short")
     resume: bool = rule()
-    evaluate: bool = rule(doc="cold-start evaluation of the CNN after training")
 
 
 @dataclass(frozen=True)

@@ -45,20 +45,33 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("factors", "deepcuts.stages.factors:run",
           reads=(T.MELS,),
           writes=(T.USER_FACTORS, T.TRACK_FACTORS, T.USER_INDEX, T.TRACK_INDEX, T.PLAYS_REJECTS,
-                  T.EVAL_HOLDOUT, T.FACTOR_METRICS),
-          doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout)"),
+                  T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS, T.EVALUATION_RESULTS),
+          doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout and upper bound)"),
     Stage("train", "deepcuts.stages.train:run",
-          reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT, T.FACTOR_METRICS),
-          writes=(T.TRAIN_EXAMPLES, T.VALIDATION_EXAMPLES, T.TRAIN_REJECTS, T.TRAIN_METRICS,
-                  T.FACTOR_METRICS),
+          reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT),
+          writes=(T.TRAIN_EXAMPLES, T.VALIDATION_EXAMPLES, T.TRAIN_REJECTS, T.TRAIN_METRICS),
           doc="mels + factors -> a CNN under models/ (Petastorm -> PyTorch)"),
+    Stage("baseline", "deepcuts.stages.baseline:run",
+          reads=(T.MELS, T.TRACK_FACTORS, T.VALIDATION_EXAMPLES),
+          writes=(T.BASELINE_FACTORS, T.BASELINE_REJECTS),
+          doc="mels -> MFCC bag-of-words -> PCA -> ridge: the paper's baseline vectors"),
     Stage("infer", "deepcuts.stages.infer:run",
           reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS),
           writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS),
           doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors"),
+    Stage("evaluate", "deepcuts.stages.evaluate:run",
+          reads=(T.MELS, T.USER_FACTORS, T.TRACK_FACTORS, T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS,
+                 T.BASELINE_FACTORS, T.PREDICTED_FACTORS, T.VALIDATION_EXAMPLES),
+          writes=(T.EVALUATION_RESULTS,),
+          doc="random, MFCC baseline, CNN, upper bound on the same users and candidates -> evaluation_results"),
+    Stage("neighbours", "deepcuts.stages.neighbours:run",
+          reads=(T.SERVING_FACTORS, T.PREDICTED_FACTORS, T.USER_FACTORS, T.MELS),
+          writes=(T.SIMILAR_TRACKS, T.SOUNDS_LIKE, T.USER_RECOMMENDATIONS, T.NEIGHBOUR_METRICS,
+                  T.NEIGHBOUR_REJECTS),
+          doc="sharded FAISS k-NN -> similar tracks, sounds-like, user -> new-track recommendations"),
 )}
 
-NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "infer")
+NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "baseline", "infer", "evaluate", "neighbours")
 
 
 def stage(name: str) -> Stage:

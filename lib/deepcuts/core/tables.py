@@ -116,19 +116,6 @@ TRACK_FACTORS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
-FACTOR_METRICS = _table(
-    "factor_metrics", ("run_id", "split", "predictor"),
-    "Evaluation of factors (van den Oord et al. 2013, sec. 5.2), one row per run/split/predictor.",
-    F("run_id", pa.string(), nullable=False),
-    F("split", pa.string(), nullable=False),
-    F("predictor", pa.string(), nullable=False),
-    F("map_at_k", pa.float64()),
-    F("auc", pa.float64()),
-    F("k", pa.int32()),
-    F("n_users", pa.int64()),
-    F("n_tracks", pa.int64()),
-)
-
 EVAL_HOLDOUT = _table(
     "eval_holdout", ("user_id", "track_id"),
     "Plays hidden from the published ALS fit by the cold-start protocol (split = 'cold'): the "
@@ -243,10 +230,6 @@ RUNS = _table(
     F("error", pa.string()),
 )
 
-ALL_TABLES: dict[str, Table] = {t.name: t for t in (
-    MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
-    FACTOR_METRICS, EVAL_HOLDOUT, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS,
-    TRAIN_EXAMPLES, VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS, RUNS)}
 
 # --- evaluation and the MFCC baseline (issue 12) ------------------------------------------
 EVALUATION_RESULTS = _table(
@@ -305,8 +288,6 @@ UPPER_BOUND_FACTORS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
-ALL_TABLES.update({t.name: t for t in (EVALUATION_RESULTS, BASELINE_FACTORS, BASELINE_REJECTS,
-                                       UPPER_BOUND_FACTORS)})
 
 
 # --- neighbours: similar tracks, recommendations, recall (issue 11) ---------------------------
@@ -387,10 +368,15 @@ NEIGHBOUR_REJECTS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
-ALL_TABLES.update({t.name: t for t in (SIMILAR_TRACKS, SOUNDS_LIKE, USER_RECOMMENDATIONS,
-                                       NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS)})
 
 def spark_schema(table: Table):
     """The Spark StructType of ``table`` (imported lazily: pure code needs no pyspark)."""
     from pyspark.sql.pandas.types import from_arrow_schema
     return from_arrow_schema(table.schema)
+
+ALL_TABLES: dict[str, Table] = {t.name: t for t in (
+    MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
+    EVAL_HOLDOUT, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS, TRAIN_EXAMPLES,
+    VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS, RUNS, EVALUATION_RESULTS, BASELINE_FACTORS,
+    BASELINE_REJECTS, UPPER_BOUND_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_RECOMMENDATIONS,
+    NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS,)}

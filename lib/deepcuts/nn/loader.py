@@ -78,6 +78,38 @@ def file_urls(paths: Sequence[str]) -> list[str]:
     return [p if "://" in p else "file://" + p for p in paths]
 
 
+# Petastorm resolves ``s3://`` through fsspec's s3fs (another S3 client, with its own
+# credential and endpoint handling).  S3 files are given to it under a private scheme instead,
+# with the project's pyarrow S3 filesystem (the standard AWS chain, the endpoint override)
+# wrapped as the fsspec filesystem it takes.
+PETASTORM_S3_SCHEME = "deepcuts-s3"
+
+
+def petastorm_source(urls: Sequence[str]):
+    """(urls, filesystem) for ``make_batch_reader``: local files as they are (Petastorm opens
+    them itself, filesystem None); ``s3://`` files under :data:`PETASTORM_S3_SCHEME` with the
+    project's S3 filesystem."""
+    from deepcuts.core.storage import filesystem_for, is_s3
+    if not urls or not is_s3(urls[0]):
+        return list(urls), None
+    import fsspec
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class ProjectS3(ArrowFSWrapper):
+        @classmethod
+        def _strip_protocol(cls, path):
+            return path.split("://", 1)[1] if "://" in path else path
+
+    fsspec.register_implementation(PETASTORM_S3_SCHEME, ProjectS3, clobber=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # Petastorm reads through pyarrow's legacy ParquetDataset, which takes only the legacy
+        # filesystem interface: pyarrow's own wrapper of an fsspec filesystem.
+        from pyarrow.filesystem import S3FSWrapper
+        filesystem = S3FSWrapper(ProjectS3(filesystem_for(urls[0])[0]))
+    return [f"{PETASTORM_S3_SCHEME}://{u.split('://', 1)[1]}" for u in urls], filesystem
+
+
 class EpochReader:
     """Batches of (mel crops float32 [B, n_mels, crop_frames], targets float32 [B, out_dim]), or
     with ``with_target_weight`` (the WPE objective) triples ending in the per-track weights
@@ -121,12 +153,13 @@ class EpochReader:
         with warnings.catch_warnings():
             # Our names are exact: "target" no longer prefix-matching "target_weight" is wanted.
             warnings.filterwarnings("ignore", message="schema_fields behavior has changed")
-            reader = make_batch_reader(self.urls, schema_fields=self.columns, reader_pool_type="thread",
+            urls, filesystem = petastorm_source(self.urls)
+            reader = make_batch_reader(urls, schema_fields=self.columns, reader_pool_type="thread",
                                        workers_count=self.workers, num_epochs=1,
                                        # Petastorm's default queues 50 row groups (~0.5 GB of mels): a few suffice.
                                        results_queue_size=2 * self.workers + 2,
                                        shuffle_row_groups=self.train, seed=self.seed * 100_003 + epoch,
-                                       transform_spec=spec)
+                                       transform_spec=spec, filesystem=filesystem)
         with reader:
             for batch in reader:
                 if self.decode_in_workers:

@@ -13,33 +13,35 @@ Outputs (all ids are the original ids as canonical strings, see ``deepcuts.cf.pl
 * With ``factors.evaluate`` (the cold-start protocol): the published fit leaves out every
   play of a stable hash sample of tracks (``cold_fraction``), so those tracks have no ALS
   factors, and their plays go to ``eval_holdout`` (split "cold") for the audio model's
-  evaluation.  ``factor_metrics`` gets one row per (split, predictor):
+  evaluation.  Two more outputs:
 
-  - cold / upper_bound: WMF fitted on *all* plays (cold tracks included), user and track
+  - ``upper_bound_factors``: WMF fitted on *all* plays (cold tracks included), user and track
     vectors both from that fit (vectors of two different fits live in differently rotated
-    spaces, so they are never mixed).  The ceiling for any audio predictor.
-  - cold / random: gaussian track vectors against the published ``user_factors``, the floor.
-    An audio predictor (train stage) is scored the same way: its vectors against the
-    published ``user_factors`` via ``evaluation.evaluate_cold_start``.
-  - warm / als, warm / random: a separate fit without a hash sample of the known tracks'
-    plays (``warm_fraction``), scored on those plays with each user's training tracks
-    removed from the candidates; the standard CF sanity check.  That model is discarded.
+    spaces, so they are never mixed).  The ceiling for any audio predictor; the evaluate
+    stage scores it beside random, the MFCC baseline and the CNN on the same users and
+    candidates (``evaluation_results``).
+  - ``evaluation_results`` rows warm / als and warm / random: a separate fit without a hash
+    sample of the known tracks' plays (``warm_fraction``), scored on those plays with each
+    user's training tracks removed from the candidates (a join, not a broadcast); the
+    standard CF sanity check.  That model is discarded.
 
-  Without ``factors.evaluate`` (production) nothing is held out and ``eval_holdout`` is
-  committed empty, so no later stage evaluates against a stale holdout.
+  Without ``factors.evaluate`` (production) nothing is held out: ``eval_holdout`` and
+  ``upper_bound_factors`` are committed empty, so no later stage evaluates against a stale
+  holdout.
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from deepcuts.evaluation import metrics as ev
+from deepcuts.evaluation import runner as ev
 from deepcuts.core.config import Config, FactorsConf
 from deepcuts.cf.plays import (aggregate_pairs, dense_index, flag_unknown_tracks, rating_column, read_raw_plays,
                                validate_plays)
+from deepcuts.core.runs import Laps
 from deepcuts.core.spark import checkpoint_dir
-from deepcuts.core.tables import (EVAL_HOLDOUT, FACTOR_METRICS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
-                     TRACK_INDEX, USER_FACTORS, USER_INDEX)
+from deepcuts.core.tables import (EVAL_HOLDOUT, EVALUATION_RESULTS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
+                     TRACK_INDEX, UPPER_BOUND_FACTORS, USER_FACTORS, USER_INDEX)
 
 log = logging.getLogger(__name__)
 
@@ -104,27 +106,30 @@ def published_tables(model, fit_ratings, user_index, track_index, min_listeners:
 
 def _metric_line(r: dict) -> str:
     if r["map_at_k"] is None:
-        return f"no users to score ({r['n_tracks']} candidate tracks)"
+        return f"no users to score ({r['n_candidates']} candidate tracks)"
     return (f"mAP@{r['k']}={r['map_at_k']:.4f} AUC={r['auc']:.4f} users={r['n_users']} "
-            f"tracks={r['n_tracks']}")
+            f"tracks={r['n_candidates']}")
 
 
-def evaluate_protocol(spark, fc: FactorsConf, ratings, holdout, published_users, user_index,
-                      track_index) -> list[dict]:
-    """The cold-start (upper bound, random) and warm (ALS, random) evaluations; see the module
-    docstring.  ``ratings`` holds every usable pair with its ``cold`` flag."""
+def upper_bound_rows(users, tracks, run_id: str):
+    """``upper_bound_factors`` rows: the all-plays fit's user and track vectors."""
     from pyspark.sql import functions as F
+    return (users.select(F.lit("user").alias("entity"), F.col("user_id").alias("entity_id"), "factors")
+            .unionByName(tracks.select(F.lit("track").alias("entity"), F.col("track_id").alias("entity_id"),
+                                       "factors"))
+            .withColumn("run_id", F.lit(run_id)))
+
+
+def evaluate_protocol(ctx, fc: FactorsConf, ratings, user_index, track_index) -> tuple:
+    """(the upper bound's ``upper_bound_factors`` rows or None, the warm (ALS, random) results);
+    see the module docstring.  ``ratings`` holds every usable pair with its ``cold`` flag."""
+    from pyspark.sql import functions as F
+    spark, ec = ctx.spark, ctx.cfg.evaluate
     k, seed, max_users = fc.eval_k, fc.eval_seed, fc.eval_max_users
-    results = []
+    upper, results = None, []
     if fc.cold_fraction > 0:
-        cold_tracks = holdout.select("track_id").distinct()
-        results.append(ev.evaluate_cold_start(
-            spark, published_users, holdout, ev.random_track_vectors(cold_tracks, fc.rank, seed), k, RANDOM,
-            max_users=max_users, seed=seed))
         full_model, _ = fit_als(spark, ratings, fc)
-        full_users, full_tracks = model_vectors(full_model, user_index, track_index)
-        results.append(ev.evaluate_cold_start(spark, full_users, holdout, full_tracks, k, UPPER_BOUND,
-                                              max_users=max_users, seed=seed))
+        upper = upper_bound_rows(*model_vectors(full_model, user_index, track_index), ctx.run_id)
     if fc.warm_fraction > 0:
         known = ratings.where(~F.col("cold"))
         held = ev.hash_unit(seed + 1, "user_id", "track_id") < F.lit(fc.warm_fraction)
@@ -132,12 +137,20 @@ def evaluate_protocol(spark, fc: FactorsConf, ratings, holdout, published_users,
         warm_test = known.where(held)
         warm_model, _ = fit_als(spark, warm_train, fc)
         warm_users, warm_tracks = model_vectors(warm_model, user_index, track_index)
-        for name, vectors in ((ALS_PREDICTOR, warm_tracks),
-                              (RANDOM, ev.random_track_vectors(warm_tracks.select("track_id"), fc.rank, seed))):
-            results.append(ev.evaluate_ranking(
-                spark, warm_users, warm_test, vectors, k, split=ev.WARM, predictor=name,
-                excluded_df=warm_train, max_users=max_users, seed=seed))
-    return results
+        warm_tracks = warm_tracks.persist()
+        pop = ev.build_population(warm_test, warm_tracks.select("track_id"), warm_users, split=ev.WARM,
+                                  max_users=max_users, seed=seed, users_per_task=ec.users_per_task,
+                                  candidates_per_block=ec.candidates_per_block, excluded=warm_train)
+        try:
+            for name, vectors in ((ALS_PREDICTOR, warm_tracks),
+                                  (RANDOM, ev.random_track_vectors(warm_tracks.select("track_id"), fc.rank, seed))):
+                results.append(ev.evaluate_predictor(pop, warm_users, vectors, predictor=name, k=k,
+                                                     scratch=ctx.path("_scratch", "factors", ctx.run_id),
+                                                     model_id=ctx.run_id))
+        finally:
+            pop.release()
+            warm_tracks.unpersist()
+    return upper, results
 
 
 def run(ctx) -> dict:
@@ -148,13 +161,8 @@ def run(ctx) -> dict:
     spark.sparkContext.setCheckpointDir(checkpoint_dir(cfg))  # else ALS ignores checkpointInterval
     summary: dict = {}
     persisted = []
-    timings: dict = {}
-    clock = [time.time()]
-
-    def lap(name: str) -> None:
-        now = time.time()
-        timings[name] = round(now - clock[0], 1)
-        clock[0] = now
+    lap = Laps()
+    timings = lap.seconds
 
     def keep(df):
         persisted.append(df)
@@ -220,17 +228,19 @@ def run(ctx) -> dict:
         summary["tracks_below_min_listeners"] = stats["fitted_tracks"] - snaps[TRACK_FACTORS.name].rows
         lap("write")
 
-        if fc.evaluate:
-            published_users = ctx.read(USER_FACTORS).select("user_id", "factors")
-            holdout_table = ctx.read(EVAL_HOLDOUT)
-            results = evaluate_protocol(spark, fc, ratings, holdout_table, published_users,
-                                        user_index, track_index)
-            if results:
-                ctx.write(ev.metrics_frame(spark, results, run_id), FACTOR_METRICS, mode="append")
-                print(ev.format_metrics_table(results), flush=True)
-            summary["metrics"] = {f"{r['split']}/{r['predictor']}": _metric_line(r) for r in results}
-        else:
-            summary["metrics"] = "not evaluated (factors.evaluate = false)"
+        upper, results = (evaluate_protocol(ctx, fc, ratings, user_index, track_index) if fc.evaluate
+                          else (None, []))
+        if upper is None:   # no stale upper bound outlives its holdout
+            from deepcuts.core.lake import empty_frame
+            upper = empty_frame(spark, UPPER_BOUND_FACTORS)
+        ctx.write(upper, UPPER_BOUND_FACTORS)
+        if results:
+            ctx.write(ev.results_frame(spark, results, run_id,
+                                       {"factors_run_id": run_id, "max_users": fc.eval_max_users,
+                                        "seed": fc.eval_seed}), EVALUATION_RESULTS, mode="append")
+            print(ev.format_results_table(results), flush=True)
+        summary["metrics"] = ({f"{r['split']}/{r['predictor']}": _metric_line(r) for r in results} if fc.evaluate
+                              else "not evaluated (factors.evaluate = false)")
         lap("evaluate")
         summary["seconds"] = timings
         return summary

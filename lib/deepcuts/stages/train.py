@@ -7,9 +7,9 @@
    when present, else CPU, one code path.  A checkpoint after every epoch; a re-run with the
    same training set and config resumes from the last one (a corrupted one is refused).
    Early stopping on validation loss; the best epoch's weights become the model.
-3. The artifact goes to ``models/<model_id>/`` (see ``deepcuts.nn.model``) and the cold-start
-   tracks are scored with ``infer.predict_vectors`` and evaluated with the factors stage's
-   protocol (``evaluation.evaluate_cold_start``) beside its random and upper-bound rows.
+3. The artifact goes to ``models/<model_id>/`` (see ``deepcuts.nn.model``).  The evaluate stage
+   scores it (cold-start and validation splits) beside random, the MFCC baseline and the upper
+   bound on the same users and candidates (``evaluation_results``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from deepcuts.core.config import Config, TrainConf, to_dict
 from deepcuts.nn.loader import EpochReader, ShortEpochError, band_statistics
 from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
 from deepcuts.core.storage import filesystem_for, read_bytes, write_bytes_atomic
-from deepcuts.core.tables import EVAL_HOLDOUT, FACTOR_METRICS, TRAIN_METRICS, USER_FACTORS
+from deepcuts.core.tables import TRAIN_METRICS
 from deepcuts.nn.trainset import TrainingSet, build_training_set
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def _append_metrics(path: str, row: dict) -> None:
     write_bytes_atomic(path, old + (json.dumps(row) + "\n").encode())
 
 
-def artifact_meta(cfg: Config, ts: TrainingSet, result: TrainResult, evaluation: dict | None) -> dict:
+def artifact_meta(cfg: Config, ts: TrainingSet, result: TrainResult) -> dict:
     return {
         "model_id": result.model_id, "target": ts.target, "n_mels": ts.n_mels,
         "out_dim": result.model.embed_dim, "n_outputs": ts.out_dim,
@@ -352,48 +352,9 @@ def artifact_meta(cfg: Config, ts: TrainingSet, result: TrainResult, evaluation:
         "validation": {"best_epoch": result.best_epoch, "loss": result.best_validation_loss,
                        "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                        "train_rows": ts.train_rows, "validation_rows": ts.validation_rows},
-        "cold_start": evaluation,
         "device": result.device,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-# --- evaluation -----------------------------------------------------------------------------
-def evaluate_cold_start_cnn(ctx, artifact_dir: str, factors_run_id: str) -> dict | None:
-    """The CNN on the cold-start tracks (factors issue's protocol), beside random and upper bound."""
-    from pyspark.sql import functions as F
-    from deepcuts.evaluation.metrics import evaluate_cold_start
-    from deepcuts.stages.infer import mel_locations, predict_vectors
-    spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
-    if not ctx.exists(EVAL_HOLDOUT):
-        return None
-    holdout = ctx.read(EVAL_HOLDOUT).where(F.col("split") == "cold")
-    cold_tracks = holdout.select("track_id").distinct()
-    if cold_tracks.limit(1).count() == 0:
-        return None
-    cold_mels = mel_locations(ctx).join(cold_tracks, "track_id", "left_semi")
-    vectors = (predict_vectors(spark, cold_mels, artifact_dir, cfg)
-               .where(F.col("reason").isNull()).select("track_id", "factors"))
-    users = ctx.read(USER_FACTORS).select("user_id", "factors")
-    cnn = evaluate_cold_start(spark, users, holdout, vectors, cfg.factors.eval_k, "cnn")
-    out = {"cnn": _metric(cnn)}
-    from deepcuts.evaluation.metrics import metrics_frame
-    ctx.write(metrics_frame(spark, [cnn], run_id), FACTOR_METRICS, mode="append")
-    baselines = (ctx.read(FACTOR_METRICS)
-                 .where((F.col("run_id") == factors_run_id) & (F.col("split") == "cold")).collect())
-    for row in baselines:
-        out[row["predictor"]] = {"map_at_k": row["map_at_k"], "auc": row["auc"], "k": row["k"],
-                                 "n_users": row["n_users"], "n_tracks": row["n_tracks"]}
-    return out
-
-
-def _metric(result: dict) -> dict:
-    return {k: result.get(k) for k in ("map_at_k", "auc", "k", "n_users", "n_tracks")}
-
-
-def _metric_line(m: dict) -> str:
-    fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a")
-    return f"mAP@{m.get('k')} {fmt(m.get('map_at_k'))}, AUC {fmt(m.get('auc'))} ({m.get('n_users')} users)"
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -408,13 +369,8 @@ def run(ctx) -> dict:
          f"({ts.out_dim} outputs), {ts.crop_frames}-frame crops, device {device.type}")
     result = train_model(cfg, ts, lk, run_id, device, echo=echo)
 
-    # Published only once it is complete and evaluated: LATEST moves last.
-    artifact_dir = save_artifact(lk, result.model_id, result.model, artifact_meta(cfg, ts, result, None),
-                                 publish=False)
-    evaluation = None
-    if t.evaluate and ts.target == "factors":
-        evaluation = evaluate_cold_start_cnn(ctx, artifact_dir, ts.source_run_id)
-    artifact_dir = save_artifact(lk, result.model_id, result.model, artifact_meta(cfg, ts, result, evaluation))
+    # Published only once it is complete: LATEST moves last.  (Evaluated by the evaluate stage.)
+    artifact_dir = save_artifact(lk, result.model_id, result.model, artifact_meta(cfg, ts, result))
     epoch_metrics = read_bytes(posixpath.join(result.checkpoint_dir, METRICS_FILE))
     if epoch_metrics is not None:
         write_bytes_atomic(posixpath.join(artifact_dir, METRICS_FILE), epoch_metrics)
@@ -434,10 +390,6 @@ def run(ctx) -> dict:
         "stopped_early": result.stopped_early,
         "crops_per_s": round(float(np.mean([r["crops_per_s"] or 0 for r in new_rows])), 1) if new_rows else None,
     }
-    if evaluation:
-        summary["cold_start"] = {name: _metric_line(m) for name, m in evaluation.items()}
-    elif ts.target == "labels":
-        summary["cold_start"] = "not evaluated (labels target: embeddings are not in the ALS space)"
-    else:
-        summary["cold_start"] = "not evaluated (train.evaluate off or no eval_holdout)"
+    summary["cold_start"] = ("not evaluated (labels target: embeddings are not in the ALS space)"
+                             if ts.target == "labels" else "see the evaluate stage (evaluation_results)")
     return summary

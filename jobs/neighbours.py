@@ -1,0 +1,7 @@
+"""spark-submit entry point of the deepcuts neighbours job: wiring only (see deepcuts.core.cli)."""
+import sys
+
+from deepcuts.core.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("neighbours"))
