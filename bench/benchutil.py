@@ -24,14 +24,19 @@ def _proc_status_mb(pid: int, field: str) -> float:
 
 
 def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``.  Children are listed per thread: the JVM forks its Python
+    daemon from a worker thread, not its main one."""
+    import glob
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                kids = [int(c) for c in fh.read().split()]
-        except OSError:
-            kids = []
+        kids = []
+        for listing in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                with open(listing) as fh:
+                    kids += [int(c) for c in fh.read().split()]
+            except OSError:
+                pass
         out += kids
         todo += kids
     return out

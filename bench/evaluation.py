@@ -98,7 +98,10 @@ def main() -> int:
               f"({new['n_users']} users); peak JVM {mem.jvm_mb:.0f} MB, largest Python worker {mem.worker_mb:.0f} MB",
               flush=True)
         if not args.skip_legacy:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            here = os.path.dirname(os.path.abspath(__file__))
+            sys.path.insert(0, here)
+            # its UDFs are unpickled in the Python workers, which do not have bench/ on their path
+            spark.sparkContext.addPyFile(os.path.join(here, "legacy_evaluation.py"))
             import legacy_evaluation as legacy
             with SparkMemory(jvm_pid) as mem_old:
                 started = time.time()

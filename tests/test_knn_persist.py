@@ -98,3 +98,16 @@ def test_vectors_of_reads_list_columns_without_python_objects():
     with pytest.raises(ValueError):
         persist.vectors_of(pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32())))
     assert persist.vectors_of(pa.array([], pa.list_(pa.float32())), 4).shape == (0, 4)
+
+
+def test_names_from_a_manifest_or_latest_never_leave_the_index_folder(tmp_path):
+    for bad in ("../other/shard-00000.faiss", "/etc/passwd", "..", ""):
+        with pytest.raises(persist.IndexFileError, match="not a plain file name"):
+            persist.plain_name(bad, "index file")
+    root = tmp_path / "warehouse"
+    (root / "indexes").mkdir(parents=True)
+    (root / "indexes" / "LATEST").write_text("../../elsewhere\n")
+    with pytest.raises(persist.IndexFileError, match="LATEST"):
+        persist.latest_run(str(root))
+    (root / "indexes" / "LATEST").write_text("neighbours-20261202T000000-abc\n")
+    assert persist.latest_run(str(root)) == "neighbours-20261202T000000-abc"

@@ -95,7 +95,7 @@ def planted_plays(user_ids: list[str], track_styles: dict[str, int], cold: set, 
 @pytest.fixture(scope="module")
 def wpe_planted(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("wpe")
-    cfg = make_config(root, **{**SMALL_MODEL, "train__loss": "wpe", "train__epochs": 2, "train__evaluate": False,
+    cfg = make_config(root, **{**SMALL_MODEL, "train__loss": "wpe", "train__epochs": 2,
                                "factors__alpha": ALPHA, "factors__epsilon": EPSILON})
     wh = lake(cfg)
     mels, factors, users, holdout, cold = planted_catalogue(n_tracks=96, n_users=100)

@@ -23,11 +23,13 @@ How it runs (nothing catalogue-sized reaches the driver or a broadcast):
 Cost, 20,000 users at rank 32, on float64 scores (``bench/evaluation.py`` measures the
 first line):
 
-* 1e6 candidate tracks: per user 2e6 x 32 flops of gemm plus one sort of 1e6 scores, about
-  15 ms of one core: ~300 core-seconds.  4 blocks of 262,144; per task one block (8 MB of
+* 1e6 candidate tracks: per user 2e6 x 32 flops of gemm plus the >= / > counts of its
+  positives over 1e6 scores.  Measured (``bench/evaluation.py``, 2 cores): 496 s wall, 50
+  core-ms per user, ~1,000 core-seconds (the first estimate, 300, left out the counting and
+  Spark's per-group overhead).  4 blocks of 262,144; per task one block (8 MB of
   float32 on disk, 67 MB as float64) plus 64 MB of scores; shuffle 20k users x 4 blocks x
   (rank + positives) doubles, ~50 MB.  The driver holds counts only.
-* 1e7 candidate tracks: 10x the work (~3,000-3,500 core-seconds: about 4 minutes on 16
+* 1e7 candidate tracks: 10x the work (~10,000 core-seconds: about 10 minutes on 16
   cores), the same memory per task (39 blocks instead of 4), shuffle ~0.5 GB, scratch
   Parquet 1.3 GB.  The implementation this replaced collected the 1e7 vectors to the driver
   as Python Rows (~12 GB: past a 4 GB driver) and broadcast them to every worker.

@@ -110,8 +110,16 @@ def write_shard(folder: str, shard: int, index, ids: pa.Table) -> dict:
     return entry
 
 
+def plain_name(name: str, what: str) -> str:
+    """``name`` if it is one path component: names read from a manifest or LATEST never
+    lead outside the index folder."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise IndexFileError(f"{what} {name!r} is not a plain file name")
+    return name
+
+
 def _checked(folder: str, name: str, expected: str) -> bytes:
-    path = posixpath.join(folder, name)
+    path = posixpath.join(folder, plain_name(name, "index file"))
     data = read_bytes(path)
     if data is None:
         raise IndexFileError(f"index file {path} is missing")
@@ -174,7 +182,8 @@ def publish(root: str, run_id: str) -> None:
 
 def latest_run(root: str) -> str | None:
     data = read_bytes(posixpath.join(indexes_root(root), LATEST))
-    return data.decode().strip() or None if data is not None else None
+    run = data.decode().strip() if data is not None else ""
+    return plain_name(run, "the run in indexes/LATEST") if run else None
 
 
 def vacuum(root: str, keep: int) -> list[str]:

@@ -30,7 +30,7 @@ Reads ``mels``, ``user_factors``, ``track_factors``, ``eval_holdout``,
 ``validation_examples`` (and ``factors.plays``); appends to ``evaluation_results``.
 
 Cost: per split and predictor one scoring pass (``deepcuts.evaluation.runner``: 20k users x
-1e6 candidates ~300 core-seconds, x 1e7 ~3,000 core-seconds, memory per task bounded by one
+1e6 candidates ~1,000 core-seconds measured, x 1e7 ~10,000 core-seconds, memory per task bounded by one
 candidate block); the cold split holds ``factors.cold_fraction`` of the catalogue (2e5
 candidates at 1e6 tracks, 2e6 at 1e7), validation ``train.validation_fraction`` of the rest.
 The CNN scores the candidates it has no stored prediction for (infer's executors, ~150
