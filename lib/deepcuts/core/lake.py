@@ -130,15 +130,6 @@ class Lake:
         sizes = actions.column("size_bytes").to_pylist()
         return int(sum(r or 0 for r in rows)), actions.num_rows, int(sum(sizes))
 
-    def row_count(self, name: str, version: int | None = None) -> int | None:
-        """Rows of one version from the files' statistics in the log (None when a file has
-        none, e.g. written by a tool that skips them)."""
-        actions = self._add_actions(name, version)
-        if actions is None or actions.num_rows == 0:
-            return 0
-        rows = actions.column("num_records").to_pylist()
-        return None if any(r is None for r in rows) else int(sum(rows))
-
     def columns(self, name: str) -> list[str]:
         """The table's column names from its log (no Spark job)."""
         dt = self.delta(name)
@@ -317,6 +308,14 @@ def _with_retries(what: str, attempt, retries: int):
             time.sleep(wait)
 
 
+def _logged_rows(dt) -> int | None:
+    """Rows of a loaded ``DeltaTable`` version from its files' statistics in the log (None
+    when a file has none, e.g. written by a tool that skips them)."""
+    actions = _arrow(dt.get_add_actions(flatten=True))
+    rows = actions.column("num_records").to_pylist() if actions.num_rows else []
+    return None if any(r is None for r in rows) else int(sum(rows))
+
+
 def _commit_version(spark, lk: Lake, table: Table, run_id: str) -> TableVersion:
     """The version this run just committed and the table's rows there, from the Delta log
     alone (delta-rs: no Spark job).  A concurrent writer may have committed after us, so the
@@ -327,7 +326,8 @@ def _commit_version(spark, lk: Lake, table: Table, run_id: str) -> TableVersion:
         if parse_user_metadata(commit.get("userMetadata")).get("run_id") == run_id:
             version = int(commit["version"])
             break
-    rows = lk.row_count(table.name, version)
+    # the log is loaded once: again only when a concurrent commit came after ours
+    rows = _logged_rows(dt if version == dt.version() else lk.delta(table.name, version))
     if rows is None:   # a file written without statistics: count it
         rows = spark.read.format("delta").option("versionAsOf", version).load(lk.table_uri(table.name)).count()
     return TableVersion(table.name, int(version), int(rows))

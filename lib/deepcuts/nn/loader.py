@@ -13,6 +13,7 @@ partly-consumed one is the training loop's to redo from its checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 import zlib
@@ -85,13 +86,9 @@ def file_urls(paths: Sequence[str]) -> list[str]:
 PETASTORM_S3_SCHEME = "deepcuts-s3"
 
 
-def petastorm_source(urls: Sequence[str]):
-    """(urls, filesystem) for ``make_batch_reader``: local files as they are (Petastorm opens
-    them itself, filesystem None); ``s3://`` files under :data:`PETASTORM_S3_SCHEME` with the
-    project's S3 filesystem."""
-    from deepcuts.core.storage import filesystem_for, is_s3
-    if not urls or not is_s3(urls[0]):
-        return list(urls), None
+@functools.lru_cache(maxsize=None)
+def _project_s3_class():
+    """The fsspec class Petastorm resolves :data:`PETASTORM_S3_SCHEME` to (registered once)."""
     import fsspec
     from fsspec.implementations.arrow import ArrowFSWrapper
 
@@ -101,12 +98,23 @@ def petastorm_source(urls: Sequence[str]):
             return path.split("://", 1)[1] if "://" in path else path
 
     fsspec.register_implementation(PETASTORM_S3_SCHEME, ProjectS3, clobber=True)
+    return ProjectS3
+
+
+def petastorm_source(urls: Sequence[str]):
+    """(urls, filesystem) for ``make_batch_reader``: local files as they are (Petastorm opens
+    them itself, filesystem None); ``s3://`` files under :data:`PETASTORM_S3_SCHEME` with the
+    project's S3 filesystem."""
+    from deepcuts.core.storage import filesystem_for, is_s3
+    if not urls or not is_s3(urls[0]):
+        return list(urls), None
+    project_s3 = _project_s3_class()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         # Petastorm reads through pyarrow's legacy ParquetDataset, which takes only the legacy
         # filesystem interface: pyarrow's own wrapper of an fsspec filesystem.
         from pyarrow.filesystem import S3FSWrapper
-        filesystem = S3FSWrapper(ProjectS3(filesystem_for(urls[0])[0]))
+        filesystem = S3FSWrapper(project_s3(filesystem_for(urls[0])[0]))
     return [f"{PETASTORM_S3_SCHEME}://{u.split('://', 1)[1]}" for u in urls], filesystem
 
 
