@@ -14,7 +14,9 @@ usage() {
 usage: ./spark-submit.sh JOB [--conf-file F] [--set section.key=value ...] [-- spark-submit args]
 
 jobs: $(jobs)
-  pipeline   the nightly sequence (the registry's order: ingest, factors, train, infer, ...)
+  nightly    the operator's job: the registry's order (ingest, factors, train, ... report), stages with
+             unchanged inputs skipped, quality gates; exit 0 ok, 1 stage failed, 2 config, 3 input, 4 gate
+  pipeline   the same stages (or --stages A,B), every one run
   sql        Spark SQL over deepcuts.<table> (time travel: deepcuts.<table>@v<N>)
 
 Defaults: conf/deepcuts.toml (pipeline) and conf/spark-defaults.conf (Spark).

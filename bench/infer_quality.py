@@ -40,6 +40,7 @@ def main() -> int:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import functions as F
     from deepcuts.core.config import load_config
+    from deepcuts.core.registry import STAGES
     from deepcuts.core.runs import StageRun
     from deepcuts.core.spark import get_session
     from deepcuts.core.tables import USER_FACTORS
@@ -53,7 +54,7 @@ def main() -> int:
     cfg = load_config(overrides=overrides)
     spark = get_session(cfg, "deepcuts-bench-infer-quality")
     spark.sparkContext.setLogLevel("ERROR")
-    ctx = StageRun(spark, cfg, E.declared_stage(), "bench-infer-quality")    # reads only
+    ctx = StageRun(spark, cfg, STAGES["evaluate"], "bench-infer-quality")    # reads only
     model_id, folder = resolve_model(cfg, ctx.lake)
     users = ctx.read(USER_FACTORS).select("user_id", "factors")
     # the evaluate stage's populations: validation chooses, the cold test split is only reported

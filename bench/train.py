@@ -8,6 +8,13 @@ Figures and their anchors come from the same run on the same files:
   * memory: RSS after every loader epoch (must not grow) and peak RSS (ru_maxrss, children included)
 
     .venv/bin/python bench/train.py --tracks 384 --seconds 30 --epochs 3 --train-batches 20
+
+With ``--processes 1,2`` it measures the train stage's epoch loop itself (``train_model``) on
+1 and N processes instead (N > 1: TorchDistributor in local mode, gloo on CPU / NCCL on CUDA,
+one Petastorm shard per rank): crops/s over all ranks, per process, and the scaling
+efficiency rate(N) / (N x rate(1)), the single-process run being the anchor.
+
+    .venv/bin/python bench/train.py --processes 1,2 --tracks 256 --seconds 10 --epochs 3 --small-model
 """
 from __future__ import annotations
 
@@ -183,6 +190,51 @@ class _null:
         return False
 
 
+def bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder):
+    """train_model on each process count of --processes over the same files (epoch 1 warms up)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+    from deepcuts.core.lake import Lake
+    from deepcuts.nn.trainset import TrainingSet
+    from deepcuts.stages.train import train_model
+    spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    val_rows = sum(pq.ParquetFile(x).metadata.num_rows for x in val_paths)
+    ts = TrainingSet(run_id="bench", train_rows=args.tracks, validation_rows=val_rows, train_files=paths,
+                     validation_files=val_paths, target="factors", out_dim=args.rank, n_mels=n_mels,
+                     crop_frames=crop_frames, source_run_id="bench", label_names=[], fingerprint="bench",
+                     summary={})
+    rates = {}
+    try:
+        for n in [int(x) for x in args.processes.split(",")]:
+            run_cfg = cfg.replace(**{"train.processes": n, "train.epochs": args.epochs, "train.patience": 100,
+                                     "train.resume": False, "train.batch_size": args.batch_size,
+                                     "train.loader_workers": args.workers,
+                                     "train.shuffle_buffer_rows": args.shuffle_buffer})
+            started = time.perf_counter()
+            result = train_model(run_cfg, ts, Lake(os.path.join(folder, f"wh-{n}")), f"train-bench-{n}",
+                                 echo=lambda line: None)
+            wall = time.perf_counter() - started
+            steady = [r["crops_per_s"] for r in result.history[1:]] or [result.history[0]["crops_per_s"]]
+            rates[n] = float(np.median(steady))
+            rows = result.history[-1]["train_rows"]
+            print(f"processes {n}: {rates[n]:.1f} crops/s over all ranks, {rates[n] / n:.1f} per process "
+                  f"(epochs {[round(r['crops_per_s']) for r in result.history]}; {rows} of {args.tracks} rows "
+                  f"per epoch); wall {wall:.1f} s incl. start-up; best validation loss "
+                  f"{result.best_validation_loss:.4f}", flush=True)
+    finally:
+        spark.stop()
+    if 1 in rates:
+        for n, rate in rates.items():
+            if n > 1:
+                print(f"PROCESSES {n}: {rate:.1f} crops/s ({rate / n:.1f} per process) vs 1 process {rates[1]:.1f} "
+                      f"-> scaling efficiency {rate / (n * rates[1]):.2f} (speed-up {rate / rates[1]:.2f}x; "
+                      f"{os.cpu_count()} cores here, shared by the ranks)")
+    if not torch.cuda.is_available():
+        print("PROCESSES: no CUDA device visible to torch here (CPU ranks, gloo)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracks", type=int, default=384)
@@ -197,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-batches", type=int, default=12, help="batches per training measurement")
     p.add_argument("--small-model", action="store_true", help="conv 64 / dense 256 instead of conf's sizes")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--processes", default="", help="e.g. 1,2: the train loop on that many processes instead")
+    p.add_argument("--validation-tracks", type=int, default=32, help="--processes: validation examples")
     args = p.parse_args(argv)
 
     overrides = {"train.conv_channels": [64, 64, 64], "train.dense_units": 256} if args.small_model else {}
@@ -213,6 +267,14 @@ def main(argv=None) -> int:
         print(f"examples: {args.tracks} mels of {n_mels}x{frames} in {len(paths)} files ({size:.0f} MB), "
               f"row groups of {args.rows_per_group}, {crop_frames}-frame crops; written in "
               f"{time.perf_counter() - started:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
+        if args.processes:
+            val_folder = os.path.join(folder, "validation")
+            os.makedirs(val_folder)
+            val_paths = write_examples(val_folder, args.validation_tracks, frames, n_mels, args.rank,
+                                       args.rows_per_group, args.rows_per_file)
+            bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder)
+            print(f"PEAK RSS {peak_rss_mb():.0f} MB (ru_maxrss, self + children)")
+            return 0
         loader = bench_loader(paths, args, n_mels, crop_frames)
         best = {name: max(rates[1:] or rates) for name, (rates, _) in loader.items()}   # epoch 0 warms caches
         print(f"LOADER petastorm {best['petastorm']:.0f} mels/s vs plain pyarrow {best['plain']:.0f} mels/s -> "

@@ -77,3 +77,16 @@ if [ "${1:-}" = "--test" ]; then
     fi
   fi
 fi
+
+# Test-only too: Debian's chromium, which tests/test_report.py opens the run report in (headless,
+# through Playwright with executable_path; Playwright never downloads a browser here).
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing chromium for the report's browser test" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "bootstrap: apt-get could not install chromium; the browser test of tests/test_report.py will skip" >&2
+  else
+    echo "bootstrap: chromium missing; the browser test of tests/test_report.py will skip" \
+         "(install: sudo apt-get install chromium)" >&2
+  fi
+fi

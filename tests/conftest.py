@@ -70,6 +70,9 @@ CHAIN_SETTINGS = {
     # several candidate and user blocks even on the small demo (the multi-block path)
     "evaluate.candidates_per_block": 12, "evaluate.users_per_task": 100,
     "neighbours.top_n": 10,
+    # the sparse-warm test split only: its validation half (where infer.blend_prior_strength is
+    # chosen, bench/blend_prior.py) would double the chain's added evaluation time
+    "evaluate.splits": ["cold", "validation", "sparse_warm"],
 }
 
 

@@ -107,6 +107,7 @@ def factors_config(tmp_path):
     return make_config(tmp_path, factors__plays=str(folder), factors__rank=8, factors__iterations=8,
                        factors__reg=0.05, factors__eval_k=50, factors__min_track_listeners=2,
                        factors__unknown_tracks="reject", factors__cold_fraction=0.25,
+                       factors__sparse_warm_fraction=0.0,   # the sparse-warm protocol: tests/test_blend.py
                        spark__shuffle_partitions=4)
 
 

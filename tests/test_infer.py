@@ -24,8 +24,9 @@ def small_cfg(tmp_path, **overrides):
     return make_config(tmp_path, **{k.replace(".", "__"): v for k, v in SMALL_NET.items()}, **overrides)
 
 
-def make_artifact(cfg, model_id: str, seed: int, loss: str = "mse") -> str:
-    """A random-weight FactorCNN saved like the train stage saves one."""
+def make_artifact(cfg, model_id: str, seed: int, loss: str = "mse", factors_run_id: str = "factors-test") -> str:
+    """A random-weight FactorCNN saved like the train stage saves one, as if trained on the
+    factors run ``factors_run_id`` (infer serves it only in that run's space)."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(seed)
     train = {**dataclasses.asdict(cfg.train), "loss": loss}
@@ -33,7 +34,7 @@ def make_artifact(cfg, model_id: str, seed: int, loss: str = "mse") -> str:
     rng = np.random.default_rng(seed)
     meta = {"target": "factors", "n_mels": N_MELS, "out_dim": cfg.factors.rank, "train": train,
             "mel_mean": rng.normal(-30, 2, N_MELS).tolist(), "mel_std": rng.uniform(5, 10, N_MELS).tolist(),
-            "crop_frames": 130, "factors_run_id": "factors-test"}
+            "crop_frames": 130, "factors_run_id": factors_run_id}
     return save_artifact(lake(cfg), model_id, model, meta)
 
 
@@ -323,9 +324,10 @@ def test_a_model_outside_the_als_space_is_refused():
     meta = {"model_id": "m1", "target": "factors", "out_dim": RANK}
     infer.check_model_fits_factors(meta, RANK)
     infer.check_model_fits_factors(meta, None)                # no ALS factors yet: nothing to match
-    with pytest.raises(RuntimeError, match="rank"):
+    from deepcuts.core.config import ConfigError     # a configuration error: exit 2 (issue 18)
+    with pytest.raises(ConfigError, match="rank"):
         infer.check_model_fits_factors({**meta, "out_dim": RANK + 1}, RANK)
-    with pytest.raises(RuntimeError, match="target"):
+    with pytest.raises(ConfigError, match="target"):
         infer.check_model_fits_factors({**meta, "target": "labels"}, RANK)
 
 
@@ -340,8 +342,9 @@ def test_demo_catalogue_every_ingested_track_served_once(spark, demo_chain, tmp_
     als = read_pandas(wh, TRACK_FACTORS.name).set_index("track_id")
     # The median listener count splits the demo into usage-served and audio-served halves.
     threshold = int(np.median(als["n_listeners"])) + 1
-    cfg = cfg.replace(**{"infer.min_listeners_for_usage": threshold})
-    make_artifact(cfg, "model-demo", seed=5)
+    cfg = cfg.replace(**{"infer.min_listeners_for_usage": threshold,
+                         "infer.serving": "threshold"})   # the blend on the demo: tests/test_blend.py
+    make_artifact(cfg, "model-demo", seed=5, factors_run_id=als["run_id"].iloc[0])
     summary = run_stage(spark, cfg, "infer")
     assert summary["scored"] == len(mels) and summary["rejected"] == {} and summary["unserved_tracks"] == 0
 

@@ -153,3 +153,22 @@ def test_petastorm_reads_training_files_from_s3_through_the_project_filesystem(e
     np.testing.assert_array_equal(s3_targets[remote], local_targets[local])
     np.testing.assert_array_equal(s3_mels[remote], local_mels[local])
     assert len(s3_targets) == 83
+
+
+def test_petastorm_reads_print_no_pyarrow_deprecation_noise(tmp_path):
+    """Every epoch used to print ~20 FutureWarnings from pyarrow's legacy dataset API."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import deepcuts.nn.loader  # noqa: F401 - installs the filters
+    from petastorm import make_batch_reader
+    pq.write_table(pa.table({"a": list(range(10))}), tmp_path / "x.parquet")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        deepcuts.nn.loader._silence_legacy_dataset_warnings()
+        with make_batch_reader("file://" + str(tmp_path), num_epochs=1, workers_count=1) as reader:
+            assert sum(len(b.a) for b in reader) == 10
+    noisy = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert noisy == []

@@ -16,7 +16,7 @@ COMMANDS = {
 USAGE = f"""usage: python -m deepcuts COMMAND [args]
 
 commands:
-  pipeline | {' | '.join(STAGES)}    run a job (same flags as spark-submit.sh JOB)
+  nightly | pipeline | {' | '.join(STAGES)}    run a job (same flags as spark-submit.sh JOB)
   tables                         list the Delta tables (version, rows, files, size)
   sql "SELECT ..."               Spark SQL over deepcuts.<table> (time travel: deepcuts.<table>@v<N>)
   demo-catalogue                 render the demo catalogue and play counts (run-demo.sh)
@@ -34,7 +34,7 @@ def run(argv: list[str]) -> int:
         import importlib
         module, func = COMMANDS[command].split(":")
         return getattr(importlib.import_module(module), func)(rest)
-    if command in STAGES or command == "pipeline":
+    if command in STAGES or command in ("pipeline", "nightly"):
         return main(command, rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from deepcuts.audio import confine
 from deepcuts.audio.reasons import TOO_LARGE, RejectedAudio
+from deepcuts.core.errors import InputMissing
 
 # Reason codes for catalogue-level problems (beside deepcuts.audio.decode's decode reasons).
 BAD_MANIFEST_ROW = "bad_manifest_row"
@@ -72,7 +73,7 @@ def list_folder(root: str, extensions: Iterable[str]) -> Iterator[CatalogueEntry
     as it does FIFOs, devices and sockets (``not_a_file``), so each lands in ``ingest_rejects``."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"catalogue folder {root} does not exist")
+        raise InputMissing(f"catalogue folder {root} does not exist")
     real_root = confine.resolve_root(root)
     extensions = tuple(extensions)
     for dirpath, dirnames, filenames in os.walk(root):

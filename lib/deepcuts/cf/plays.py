@@ -22,6 +22,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from deepcuts.core.errors import InputMissing
+
 NULL_USER_ID = "null_user_id"
 NULL_TRACK_ID = "null_track_id"
 NULL_PLAYS = "null_plays"
@@ -144,7 +146,7 @@ def list_plays_files(path: str) -> list[str]:
         to_uri = (lambda p: "file://" + p)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"factors.plays: {path} does not exist")
+        raise InputMissing(f"factors.plays: {path} does not exist")
     if info.type == pafs.FileType.File:
         found = [info]
     else:
@@ -154,7 +156,7 @@ def list_plays_files(path: str) -> list[str]:
                    if i.path.lower().endswith(PLAYS_EXTENSIONS)
                    and not os.path.basename(i.path).startswith(("_", ".")))
     if not files:
-        raise FileNotFoundError(f"factors.plays: no {'/'.join(PLAYS_EXTENSIONS)} files at {path}")
+        raise InputMissing(f"factors.plays: no {'/'.join(PLAYS_EXTENSIONS)} files at {path}")
     return files
 
 

@@ -5,7 +5,8 @@ writes; ``jobs/<stage>.py`` is just ``main("<stage>")``.  The ``pipeline`` job r
 nightly sequence in one Spark application.  Each stage run gets a :class:`StageRun`
 context and leaves a manifest row in the ``runs`` table.
 
-Exit codes: 0 ok, 2 configuration error, 1 a stage failed.
+Exit codes: 0 ok, 1 a stage failed, 2 configuration error, 3 input missing or empty,
+4 a quality gate failed (see ``main``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from deepcuts.core.registry import NIGHTLY, STAGES
 
 log = logging.getLogger("deepcuts")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3, 4
 
 
 def parse_args(job: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(job: str, argv: Sequence[str] | None) -> argparse.Namespace:
                                 description=f"deepcuts {job} job (defaults: conf/deepcuts.toml)")
     add_config_args(p)
     p.add_argument("--stages", default=",".join(NIGHTLY),
-                   help="pipeline only: comma-separated stages to run, in order")
+                   help="pipeline / nightly: comma-separated stages to run, in order")
     p.add_argument("--summary-json", metavar="FILE", help="also write every stage's summary to FILE as JSON")
     return p.parse_args(argv)
 
@@ -82,44 +83,109 @@ def print_summary(stage: str, summary: dict, seconds: float) -> None:
     sys.stdout.flush()
 
 
-def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None) -> dict:
-    """Run one registered stage with its context; record its manifest (also on failure)."""
-    from deepcuts.core.runs import FAILED, SUCCEEDED, StageRun, rejects_of
+def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None, skip_unchanged: bool = False) -> dict:
+    """Run one registered stage with its context; record its manifest (also on failure).
+    ``skip_unchanged`` (the nightly job): a skippable stage whose inputs are those of its last
+    succeeded run is not run, and its summary says so."""
+    from deepcuts.core.runs import FAILED, SKIPPED, SUCCEEDED, StageRun, rejects_of
     from deepcuts.core.storage import new_run_id
     stage = STAGES[name]
     ctx = StageRun(spark, cfg, stage, new_run_id(f"{name}-"), pipeline_run_id)
     started = time.time()
     log.info("stage %s: run %s", name, ctx.run_id)
     try:
-        summary = stage.function_ref()(ctx)
-        ctx.maintain()
+        fingerprint = stage.fingerprint(cfg, ctx.lake) if stage.fingerprint else None
+        unchanged = ctx.unchanged_reason(fingerprint) if skip_unchanged and stage.skippable else None
+        if unchanged:
+            summary = {"skipped": unchanged}
+        else:
+            summary = stage.function_ref()(ctx)
+            ctx.maintain()
     except BaseException as exc:
         ctx.record(FAILED, started, None, error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
     ctx.rejects = rejects_of(summary)
     summary = {"run_id": ctx.run_id, **summary,
                "tables": {t: str(v) for t, v in ctx.written.items()} or "none written"}
-    ctx.record(SUCCEEDED, started, summary)
+    if fingerprint:
+        summary["input_fingerprint"] = fingerprint
+    # A stage with nothing to do here says why in summary["skipped"] (a string) and writes nothing.
+    skipped = isinstance(summary.get("skipped"), str) and not ctx.written
+    ctx.record(SKIPPED if skipped else SUCCEEDED, started, summary)
     print_summary(name, summary, time.time() - started)
     return summary
 
 
+def exit_code_of(exc: BaseException) -> int:
+    from deepcuts.core.errors import GateFailed, InputMissing
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, InputMissing):
+        return EXIT_INPUT
+    if isinstance(exc, GateFailed):
+        return EXIT_GATE
+    return EXIT_FAILED
+
+
+OUTCOME_WORDS = {EXIT_CONFIG: "configuration error", EXIT_INPUT: "input missing", EXIT_GATE: "quality gate failed",
+                 EXIT_FAILED: "stage failed"}
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def print_run_table(job: str, outcomes: dict, gates: list[str], code: int) -> None:
+    """The operator's overview: one line per stage, then the gates and the exit code."""
+    print(f"\n=== deepcuts {job}: exit {code} ({'ok' if code == EXIT_OK else OUTCOME_WORDS[code]})")
+    for name, o in outcomes.items():
+        print(f"  {name:<11} {o['status']:<12} {o['seconds']:>8.1f} s  {o.get('note', '')}")
+    for line in gates:
+        print(f"  GATE FAILED {line}")
+    sys.stdout.flush()
+
+
+def stage_note(summary: dict) -> str:
+    """A few counts of a stage's summary for its line in the run table."""
+    if isinstance(summary.get("skipped"), str):
+        return summary["skipped"]
+    parts = []
+    for key in ("ingested", "pairs", "epochs_run", "scored", "serving_rows", "tracks", "report"):
+        if key in summary and not isinstance(summary[key], dict):
+            parts.append(f"{key}={summary[key]}")
+    promotion = summary.get("promotion")
+    if isinstance(promotion, dict):
+        parts.append(f"model {promotion.get('decision')}")
+    rejected = summary.get("rejected") or summary.get("rejected_rows")
+    if isinstance(rejected, dict) and rejected:
+        parts.append(f"rejected={sum(v for v in rejected.values() if isinstance(v, (int, float)))}")
+    return ", ".join(parts)
+
+
 def main(job: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jobs/<job>.py``: exits 2 on a config error, 1 on a failed stage."""
+    """Entry point of ``jobs/<job>.py``.  ``pipeline`` runs ``--stages`` in order; ``nightly``
+    is the operator's job: the same order, stages with unchanged inputs skipped, quality
+    gates applied.  Exit codes (the README's table): 0 ok, 1 a stage failed, 2 configuration
+    error, 3 input missing or empty, 4 a quality gate failed."""
+    from deepcuts.core.gates import failed_gates
     from deepcuts.core.storage import new_run_id
     setup_logging()
     args = parse_args(job, argv)
+    sequence = job in ("pipeline", "nightly")
     try:
         cfg = config_from_args(args)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if job == "pipeline" else [job]
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if sequence else [job]
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise ConfigError(f"unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
     except ConfigError as exc:
         print(f"deepcuts {job}: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    pipeline_run_id = new_run_id("pipeline-") if job == "pipeline" else None
+    pipeline_run_id = new_run_id(f"{job}-") if sequence else None
     results: dict = {}
+    outcomes: dict = {}
+    gates: list[str] = []
     code = EXIT_OK
     spark = None
     try:
@@ -127,21 +193,48 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
         spark = get_session(cfg, f"{cfg.spark.app_name}-{job}")
         spark.sparkContext.setLogLevel("WARN")
         for stage in stages:
-            results[stage] = run_stage(spark, cfg, stage, pipeline_run_id)
-    except ConfigError as exc:
-        print(f"deepcuts {job}: configuration error: {exc}", file=sys.stderr)
-        code = EXIT_CONFIG
-    except Exception as exc:  # noqa: BLE001 - the operator gets one line, the log the traceback
-        log.error("stage failed:\n%s", traceback.format_exc())
-        print(f"deepcuts {job}: stage failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr)
-        code = EXIT_FAILED
+            started = time.time()
+            try:
+                results[stage] = summary = run_stage(spark, cfg, stage, pipeline_run_id,
+                                                     skip_unchanged=job == "nightly" and cfg.nightly.skip_unchanged)
+            except Exception as exc:  # noqa: BLE001 - the operator gets one line, the log the traceback
+                stage_code = exit_code_of(exc)
+                if stage_code == EXIT_FAILED:
+                    log.error("stage %s failed:\n%s", stage, traceback.format_exc())
+                results[stage] = {"error": one_line(exc)}
+                outcomes[stage] = {"status": OUTCOME_WORDS[stage_code], "seconds": time.time() - started,
+                                   "note": one_line(exc)[:200]}
+                print(f"deepcuts {job}: {stage}: {OUTCOME_WORDS[stage_code]}: {one_line(exc)}", file=sys.stderr)
+                if stage_code == EXIT_GATE:
+                    # Nothing of that stage was published; the later stages still run on the last
+                    # consistent tables (the report shows the failure).
+                    gates.append(f"{stage}: {one_line(exc)}")
+                    continue
+                code = stage_code
+                break
+            stage_gates = failed_gates(stage, summary, cfg.nightly.max_reject_rate)
+            gates += stage_gates
+            outcomes[stage] = {"status": ("skipped" if isinstance(summary.get("skipped"), str)
+                                          else "gate failed" if stage_gates else "ok"),
+                               "seconds": time.time() - started, "note": stage_note(summary)}
+        if code == EXIT_OK and gates:
+            code = EXIT_GATE
+        if job == "nightly" and code in (EXIT_OK, EXIT_GATE):
+            from deepcuts.core import retention
+            from deepcuts.core.lake import lake
+            started = time.time()
+            results["retention"] = kept = retention.apply(cfg, lake(cfg))
+            outcomes["retention"] = {"status": "ok", "seconds": time.time() - started,
+                                     "note": ", ".join(f"{k}={v}" for k, v in kept.items())}
     finally:
         if spark is not None:
             spark.stop()
+        if sequence:
+            print_run_table(job, outcomes, gates, code)
         if args.summary_json:
             with open(args.summary_json, "w") as fh:
-                json.dump({"exit_code": code, "stages": results}, fh, indent=1, default=str)
+                json.dump({"exit_code": code, "pipeline_run_id": pipeline_run_id, "stages": results,
+                           "outcomes": outcomes, "gates_failed": gates}, fh, indent=1, default=str)
     return code
 
 

@@ -108,12 +108,16 @@ class FactorsConf:
                                       doc="storage level of ALS's in/out blocks between iterations")
     seed: int = rule(min=0)
     min_track_listeners: int = rule(min=0, doc="tracks with fewer listeners get no ALS factors")
+    align: bool = rule(doc="rotate each refit onto the previous published fit (one latent space)")
     evaluate: bool = rule()
     cold_fraction: float = rule(min=0.0, max=0.9)
     warm_fraction: float = rule(min=0.0, max=0.9)
     eval_k: int = rule(min=1)
     eval_seed: int = rule(min=0)
     eval_max_users: int = rule(min=0, doc="users scored per evaluation (hash sample); 0 = all")
+    sparse_warm_fraction: float = rule(min=0.0, max=0.9, doc="tracks that keep 1..sparse_warm_max_listeners listeners")
+    sparse_warm_max_listeners: int = rule(min=1)
+    sparse_warm_validation_share: float = rule(min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,17 @@ class TrainConf:
     shuffle_buffer_rows: int = rule(min=1, doc="rows shuffled across row groups before batching")
     epoch_retries: int = rule(min=0, doc="re-reads of an epoch that Petastorm ends short")
     resume: bool = rule()
+    retrain_every_days: float = rule(min=0.0, doc="train when the served model is this old; 0 = every run")
+    retrain_change_fraction: float = rule(min=0.0, doc="train when the catalogue or factor tracks changed this much")
+    promotion_tolerance: float = rule(min=0.0, doc="relative validation-loss slack a new model may lose by")
+    require_promotion: bool = rule(doc="a model that is not promoted fails the quality gate (exit 4)")
+    # Training on several processes / GPUs (TorchDistributor; stages/train.py)
+    processes: int = rule(min=1, doc="training processes (GPUs); 1 = in-process, >1 = TorchDistributor + DDP")
+    local_mode: bool = rule(doc="processes > 1: torchrun on the driver (true) or barrier tasks on executors")
+    lr_scaling: str = rule(choices=("auto", "linear", "sqrt", "none"),
+                           doc="learning rate x N (linear) or x sqrt(N) with the global batch; auto: sqrt for adam(w)")
+    distributed_timeout_s: int = rule(min=1, doc="torch.distributed timeout: a rank silent this long fails the run")
+    fault_kill_rank_at_batch: int = rule(min=-1, doc="tests: the last rank SIGKILLs itself at this batch; -1 = off")
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,12 @@ class InferConf:
                           doc="scoring precision: auto = bf16 on CPUs with native bf16, fp16 on CUDA")
     min_listeners_for_usage: int = rule(min=0, doc="tracks with fewer listeners are served audio factors")
     incremental: bool = rule()
+    serving: str = rule(choices=("blend", "threshold"), doc="how tracks with little usage are served")
+    blend_prior_strength: float = rule(min=0.0, doc="precision of the audio prior in the blend")
+    blend_max_listeners: int = rule(min=1, doc="tracks with more listeners are served pure usage")
+    top_labels: int = rule(min=1, doc="labels model: most probable labels kept per track (predicted_labels)")
+    gpu_batch_size: int = rule(min=1, doc="batch_size on a task that has a CUDA device")
+    gpu_precision: str = rule(choices=("auto", "fp32", "bf16"), doc="precision on a task that has a CUDA device")
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,8 @@ class NeighboursConf:
     min_recall: float = rule(min=0.0, max=1.0, doc="approximate recall@k under this fails the stage")
     recall_sample: int = rule(min=0, doc="queries also searched exactly to measure recall")
     sounds_like: bool = rule(doc="also neighbours over predicted_factors alone")
+    content: str = rule(choices=("auto", "predicted_factors", "audio_embeddings"),
+                        doc="sounds_like's vectors; auto: predicted_factors if any, else audio_embeddings")
     recommendations: bool = rule(doc="also user_recommendations (all tracks and cold-start only)")
     top_n: int = rule(min=1, doc="recommendations per user and list")
     keep_index_runs: int = rule(min=1, doc="persisted index runs kept under <warehouse>/indexes")
@@ -197,10 +220,32 @@ class BaselineConf:
 @dataclass(frozen=True)
 class EvaluateConf:
     model: str = rule(doc="model id of the CNN row; empty = infer.model, else the latest")
-    splits: list[str] = rule(choices=("cold", "validation"))
+    splits: list[str] = rule(choices=("cold", "validation", "sparse_warm", "sparse_warm_validation"))
     predictors: list[str] = rule(choices=("random", "baseline", "cnn", "upper_bound"))
     users_per_task: int = rule(min=1, doc="users per scoring task (about: hash blocks)")
     candidates_per_block: int = rule(min=1, doc="candidate tracks per block a task holds")
+    label_k: int = rule(min=1, doc="labels model: label precision@k of the embeddings' neighbours")
+    label_accuracy_at: list[int] = rule(min=1, doc="labels model: top-k label accuracies on validation tracks")
+    label_max_queries: int = rule(min=0, doc="labels model: validation tracks scored (hash sample); 0 = all")
+
+
+@dataclass(frozen=True)
+class ReportConf:
+    map_tracks: int = rule(min=0, doc="serving vectors on the report's 2-D map (a hash sample); 0 = no map")
+    perplexity: float = rule(min=1.0, doc="t-SNE perplexity of the map (capped for small samples)")
+    playlists: int = rule(min=0, doc="example query tracks, with their nearest neighbours")
+    playlist_length: int = rule(min=1, doc="neighbours shown per example query")
+    excerpt_seconds: float = rule(min=1.0, max=60.0, doc="audio excerpt per playlist track, from its middle")
+    audio_format: str = rule(choices=("ogg", "wav"), doc="excerpt encoding: Vorbis in Ogg, or 16-bit WAV")
+    keep: int = rule(min=1, doc="reports kept under <warehouse>/reports (the newest; never LATEST's)")
+    seed: int = rule(min=0, doc="hash seed of the map sample and the example queries")
+
+
+@dataclass(frozen=True)
+class NightlyConf:
+    max_reject_rate: float = rule(min=0.0, max=1.0, doc="rejected share of a stage's input over which the gate fails")
+    skip_unchanged: bool = rule(doc="skip a stage whose inputs are those of its last succeeded run")
+    keep_runs: int = rule(min=1, doc="runs whose models, checkpoints and reports are kept")
 
 
 @dataclass(frozen=True)
@@ -215,6 +260,8 @@ class Config:
     neighbours: NeighboursConf
     baseline: BaselineConf
     evaluate: EvaluateConf
+    nightly: NightlyConf
+    report: ReportConf
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides, validated like the file."""
@@ -308,6 +355,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("demo.min_seconds must be <= demo.max_seconds")
     if len(cfg.train.pool_sizes) != len(cfg.train.conv_channels):
         raise ConfigError("train.pool_sizes needs one entry per train.conv_channels entry")
+    too_deep = [k for k in cfg.evaluate.label_accuracy_at if k > cfg.infer.top_labels]
+    if too_deep:
+        raise ConfigError(f"evaluate.label_accuracy_at has {too_deep[0]}: must be <= infer.top_labels "
+                          f"({cfg.infer.top_labels}), the labels predicted_labels keeps")
 
 
 def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:

@@ -25,10 +25,25 @@ class Stage:
     doc: str
     # cfg -> {table name: file layout (rows_per_file, row_group_rows, row_bytes)}, for compaction
     layout: Callable | None = None
+    # The nightly job skips a stage whose inputs are unchanged (deepcuts.core.gates) unless it
+    # reads sources outside the tables (ingest, factors) or has its own policy (train).
+    skippable: bool = True
+    # (cfg, lake) -> what else the stage reads, as a line (e.g. the served model), for that check
+    fingerprint: Callable | None = None
 
     def function_ref(self) -> Callable:
         module, func = self.function.split(":")
         return getattr(importlib.import_module(module), func)
+
+
+def _served_model(cfg, lk) -> str:
+    from deepcuts.nn.model import latest_model_id
+    return f"model {cfg.infer.model or latest_model_id(lk)}"
+
+
+def _evaluated_model(cfg, lk) -> str:
+    from deepcuts.nn.model import latest_model_id
+    return f"model {cfg.evaluate.model or cfg.infer.model or latest_model_id(lk)}"
 
 
 def _mel_layout(cfg) -> dict:
@@ -41,37 +56,52 @@ def _mel_layout(cfg) -> dict:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "deepcuts.stages.ingest:run",
           reads=(T.MELS, T.INGEST_REJECTS), writes=(T.MELS, T.INGEST_REJECTS),
-          doc="audio (folder, manifest, s3 prefix) -> log-mel spectrograms", layout=_mel_layout),
+          doc="audio (folder, manifest, s3 prefix) -> log-mel spectrograms", layout=_mel_layout, skippable=False),
     Stage("factors", "deepcuts.stages.factors:run",
-          reads=(T.MELS,),
+          reads=(T.MELS, T.TRACK_FACTORS),
           writes=(T.USER_FACTORS, T.TRACK_FACTORS, T.USER_INDEX, T.TRACK_INDEX, T.PLAYS_REJECTS,
-                  T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS, T.EVALUATION_RESULTS),
-          doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout and upper bound)"),
+                  T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS, T.EVALUATION_RESULTS, T.FACTOR_ALIGNMENTS),
+          doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout and upper bound)",
+          skippable=False),
     Stage("train", "deepcuts.stages.train:run",
-          reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT),
+          reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT, T.FACTOR_ALIGNMENTS),
           writes=(T.TRAIN_EXAMPLES, T.VALIDATION_EXAMPLES, T.TRAIN_REJECTS, T.TRAIN_METRICS),
-          doc="mels + factors -> a CNN under models/ (Petastorm -> PyTorch)"),
+          doc="mels + factors -> a CNN under models/ (Petastorm -> PyTorch), when due (deepcuts.nn.promotion)",
+          skippable=False),
     Stage("baseline", "deepcuts.stages.baseline:run",
           reads=(T.MELS, T.TRACK_FACTORS, T.VALIDATION_EXAMPLES),
           writes=(T.BASELINE_FACTORS, T.BASELINE_REJECTS),
           doc="mels -> MFCC bag-of-words -> PCA -> ridge: the paper's baseline vectors"),
     Stage("infer", "deepcuts.stages.infer:run",
-          reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS),
-          writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS),
-          doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors"),
+          reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS, T.FACTOR_ALIGNMENTS,
+                 T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS,
+                 T.USER_FACTORS, T.EVAL_HOLDOUT),   # the last two: the usage/audio blend (issue 19)
+          writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS,
+                  T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS),   # the last two: a labels model (issue 18)
+          doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors",
+          fingerprint=_served_model),
     Stage("evaluate", "deepcuts.stages.evaluate:run",
           reads=(T.MELS, T.USER_FACTORS, T.TRACK_FACTORS, T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS,
-                 T.BASELINE_FACTORS, T.PREDICTED_FACTORS, T.VALIDATION_EXAMPLES),
+                 T.BASELINE_FACTORS, T.PREDICTED_FACTORS, T.VALIDATION_EXAMPLES,
+                 T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS),
           writes=(T.EVALUATION_RESULTS,),
-          doc="random, MFCC baseline, CNN, upper bound on the same users and candidates -> evaluation_results"),
+          doc="random, MFCC baseline, CNN, upper bound on the same users and candidates -> evaluation_results",
+          fingerprint=_evaluated_model),
     Stage("neighbours", "deepcuts.stages.neighbours:run",
-          reads=(T.SERVING_FACTORS, T.PREDICTED_FACTORS, T.USER_FACTORS, T.MELS),
+          reads=(T.SERVING_FACTORS, T.PREDICTED_FACTORS, T.USER_FACTORS, T.MELS, T.AUDIO_EMBEDDINGS),
           writes=(T.SIMILAR_TRACKS, T.SOUNDS_LIKE, T.USER_RECOMMENDATIONS, T.NEIGHBOUR_METRICS,
                   T.NEIGHBOUR_REJECTS),
           doc="sharded FAISS k-NN -> similar tracks, sounds-like, user -> new-track recommendations"),
+    Stage("report", "deepcuts.stages.report:run",
+          reads=(T.RUNS, T.EVALUATION_RESULTS, T.TRAIN_METRICS, T.SERVING_FACTORS, T.SIMILAR_TRACKS, T.MELS,
+                 T.INGEST_REJECTS, T.PLAYS_REJECTS, T.TRAIN_REJECTS, T.BASELINE_REJECTS, T.INFER_REJECTS,
+                 T.NEIGHBOUR_REJECTS, T.AUDIO_EMBEDDINGS, T.SOUNDS_LIKE),   # the last two: content-only mode
+          writes=(),
+          doc="the run's static HTML report under <warehouse>/reports/ (no table written)", skippable=False),
 )}
 
-NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "baseline", "infer", "evaluate", "neighbours")
+NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "baseline", "infer", "evaluate", "neighbours",
+                            "report")
 
 
 def stage(name: str) -> Stage:

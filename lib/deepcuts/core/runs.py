@@ -69,6 +69,27 @@ def published_versions(lk: lakeio.Lake) -> dict[str, int]:
     return pins
 
 
+def last_succeeded(lk: lakeio.Lake, stage: str) -> dict | None:
+    """The newest succeeded manifest row of ``stage`` (delta-rs; None if it never succeeded),
+    with ``input_fingerprint`` taken from its summary."""
+    dt = lk.delta(RUNS.name)
+    if dt is None:
+        return None
+    rows = dt.to_pyarrow_dataset().to_table(
+        columns=["run_id", "stage", "status", "ended_at", "config_hash", "code_version", "tables_read",
+                 "tables_written", "summary_json"]).to_pylist()
+    done = [r for r in rows if r["stage"] == stage and r["status"] == SUCCEEDED]
+    if not done:
+        return None
+    last = max(done, key=lambda r: r["ended_at"])
+    try:
+        summary = json.loads(last["summary_json"] or "{}")
+    except ValueError:
+        summary = {}
+    return {**last, "tables_read": dict(last["tables_read"] or []), "tables_written": dict(last["tables_written"] or []),
+            "input_fingerprint": summary.get("input_fingerprint")}
+
+
 @dataclass
 class StageRun:
     """What a stage function works with (see the module docstring)."""
@@ -172,6 +193,20 @@ class StageRun:
                            small_file_bytes=wc.small_file_mb * 1024 * 1024,
                            row_group_rows=layout.get("row_group_rows"), row_bytes=layout.get("row_bytes"))
             lakeio.vacuum(self.spark, self.lake, table, wc.retention_hours, wc.vacuum_interval_hours)
+
+    # --- skipping --------------------------------------------------------------------
+    def unchanged_reason(self, fingerprint: str | None) -> str | None:
+        """Why this stage has nothing new to do (:func:`deepcuts.core.gates.unchanged_since`);
+        when it has not, None.  A skipped run's manifest records the versions it found."""
+        from deepcuts.core.gates import unchanged_since
+        writes = {t.name for t in self.stage.writes}
+        reads = {t.name: self.pinned_version(t) for t in self.stage.reads if t.name not in writes}
+        reason = unchanged_since(last_succeeded(self.lake, self.stage.name), config_hash=config_hash(self.cfg),
+                                 code_version=code_version(), fingerprint=fingerprint, current_reads=reads,
+                                 current_writes={t.name: self.pinned_version(t) for t in self.stage.writes})
+        if reason is not None:
+            self.read_versions.update({k: v for k, v in reads.items() if v is not None})
+        return reason
 
     # --- the manifest ------------------------------------------------------------------
     def record(self, status: str, started: float, summary: dict | None, error: str | None = None) -> None:

@@ -116,10 +116,27 @@ TRACK_FACTORS = _table(
     F("run_id", pa.string(), nullable=False),
 )
 
+FACTOR_ALIGNMENTS = _table(
+    "factor_alignments", ("factors_run_id",),
+    "One row per published ALS fit: the orthogonal rotation that brought it onto the previous "
+    "published fit (so models trained on either serve in one space), and the residual. "
+    "aligned_to_run_id is null where the fit starts a new space (first fit, rank change, no shared tracks).",
+    F("factors_run_id", pa.string(), nullable=False),
+    F("aligned_to_run_id", pa.string()),
+    F("rank", pa.int32(), nullable=False),
+    F("shared_tracks", pa.int64(), nullable=False),
+    F("residual", pa.float64()),             # ||Y_new R - Y_prev|| / ||Y_prev|| on the shared tracks
+    F("unaligned_residual", pa.float64()),   # the same before rotating: how far the refit turned
+    F("rotation", VECTOR),                   # rank x rank, row-major: aligned = raw @ rotation
+    F("note", pa.string()),
+)
+
 EVAL_HOLDOUT = _table(
     "eval_holdout", ("user_id", "track_id"),
     "Plays hidden from the published ALS fit by the cold-start protocol (split = 'cold'): the "
-    "tracks the audio model must predict. Empty when factors.evaluate is false.",
+    "tracks the audio model must predict; and by the sparse-warm protocol (split = 'sparse_warm' / "
+    "'sparse_warm_validation'): the plays of tracks that kept only 1..5 listeners. Empty when "
+    "factors.evaluate is false.",
     F("user_id", pa.string(), nullable=False),
     F("track_id", pa.string(), nullable=False),
     F("plays", pa.float64(), nullable=False),
@@ -139,7 +156,8 @@ PREDICTED_FACTORS = _table(
 
 SERVING_FACTORS = _table(
     "serving_factors", ("track_id",),
-    "One row per catalogue track: ALS factors where usage suffices, audio-predicted otherwise.",
+    "One row per catalogue track: ALS factors where usage suffices (source usage), audio-predicted "
+    "without usage (audio), the ALS half-step with the audio prior for a little usage (blend).",
     F("track_id", pa.string(), nullable=False),
     F("factors", VECTOR, nullable=False),
     F("source", pa.string(), nullable=False),
@@ -233,7 +251,7 @@ RUNS = _table(
 
 # --- evaluation and the MFCC baseline (issue 12) ------------------------------------------
 EVALUATION_RESULTS = _table(
-    "evaluation_results", ("run_id", "split", "predictor"),
+    "evaluation_results", ("run_id", "split", "predictor", "metric", "label"),
     "The paper's evaluation (van den Oord et al. 2013, sec. 5.2): one row per run/split/predictor. "
     "Every predictor of one run is scored on the same user sample and the same candidates "
     "(split 'cold': held-out tracks that have a mel; 'validation': the CNN's validation tracks; "
@@ -255,6 +273,14 @@ EVALUATION_RESULTS = _table(
     F("factors_run_id", pa.string()),               # the published ALS fit the users come from
     F("max_users", pa.int64()),
     F("seed", pa.int64()),
+    # Issue 18, label metrics of a labels model (null on the ranking rows above): metric is
+    # label_precision_at_k (the embeddings' k nearest tracks sharing a query's label) or
+    # top<k>_accuracy (a true label among the k most probable); label null = over all labels.
+    F("metric", pa.string()),
+    F("label", pa.string()),
+    F("value", pa.float64()),
+    F("chance", pa.float64()),                      # the same metric for a random ranking
+    F("n_queries", pa.int64()),                     # tracks scored (with a vector and the label)
 )
 
 BASELINE_FACTORS = _table(
@@ -369,6 +395,33 @@ NEIGHBOUR_REJECTS = _table(
 )
 
 
+# --- content-only mode: a labels model's outputs (issue 18) -------------------------------------
+AUDIO_EMBEDDINGS = _table(
+    "audio_embeddings", ("track_id",),
+    "A labels model's track embedding (its penultimate layer, unit-normalised: cosine = inner "
+    "product) for every scorable track. Not in the ALS space: never mixed into serving_factors.",
+    F("track_id", pa.string(), nullable=False),
+    F("embedding", VECTOR, nullable=False),
+    F("fingerprint", pa.string(), nullable=False),      # of the mel it came from
+    F("model_id", pa.string(), nullable=False),
+    F("run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
+)
+
+PREDICTED_LABELS = _table(
+    "predicted_labels", ("track_id",),
+    "A labels model's most probable labels per track (infer.top_labels of them, most probable "
+    "first) with their probabilities (sigmoid of the label head: labels are multi-label).",
+    F("track_id", pa.string(), nullable=False),
+    F("labels", pa.list_(pa.string()), nullable=False),
+    F("probabilities", VECTOR, nullable=False),
+    F("fingerprint", pa.string(), nullable=False),
+    F("model_id", pa.string(), nullable=False),
+    F("run_id", pa.string(), nullable=False),
+    cluster_by=("track_id",),
+)
+
+
 def spark_schema(table: Table):
     """The Spark StructType of ``table`` (imported lazily: pure code needs no pyspark)."""
     from pyspark.sql.pandas.types import from_arrow_schema
@@ -376,7 +429,7 @@ def spark_schema(table: Table):
 
 ALL_TABLES: dict[str, Table] = {t.name: t for t in (
     MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
-    EVAL_HOLDOUT, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS, TRAIN_EXAMPLES,
+    EVAL_HOLDOUT, FACTOR_ALIGNMENTS, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS, TRAIN_EXAMPLES,
     VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS, RUNS, EVALUATION_RESULTS, BASELINE_FACTORS,
     BASELINE_REJECTS, UPPER_BOUND_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_RECOMMENDATIONS,
-    NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS)}
+    NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS, AUDIO_EMBEDDINGS, PREDICTED_LABELS)}

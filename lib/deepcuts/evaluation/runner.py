@@ -74,6 +74,30 @@ def is_cold_track(fraction: float, seed: int, track_col: str = "track_id"):
     return hash_unit(seed, track_col) < F.lit(fraction)
 
 
+SPARSE_WARM = "sparse_warm"                        # the test half of the sparse-warm sample (report only)
+SPARSE_WARM_VALIDATION = "sparse_warm_validation"  # the half infer.blend_* are chosen on
+SPARSE_SPLITS = (SPARSE_WARM, SPARSE_WARM_VALIDATION)
+
+
+def sparse_warm_holdout(ratings, fraction: float, max_listeners: int, validation_share: float, seed: int):
+    """(user_id, track_id, split) of the pairs the sparse-warm protocol hides from the fit.
+
+    A stable hash sample (``fraction``) of the non-cold tracks of ``ratings`` (user_id,
+    track_id, cold) keeps k = 1..``max_listeners`` listeners (k and the listeners hashed per
+    track), the rest of its pairs are returned; ``validation_share`` of the sample (by track
+    hash) is split ``sparse_warm_validation``, the rest ``sparse_warm``.  The window sorts
+    only the sample's pairs."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    sampled = ratings.where(~F.col("cold") & (hash_unit(seed + 2, "track_id") < F.lit(fraction)))
+    keep = (F.floor(hash_unit(seed + 3, "track_id") * max_listeners) + 1).cast("int")
+    order = Window.partitionBy("track_id").orderBy(hash_unit(seed + 4, "user_id", "track_id"), "user_id")
+    split = F.when(hash_unit(seed + 5, "track_id") < F.lit(validation_share), F.lit(SPARSE_WARM_VALIDATION)) \
+        .otherwise(F.lit(SPARSE_WARM))
+    return (sampled.select("user_id", "track_id", F.row_number().over(order).alias("_rank"), keep.alias("_keep"))
+            .where(F.col("_rank") > F.col("_keep")).select("user_id", "track_id", split.alias("split")))
+
+
 def _bucket(salt: str, col: str, n: int):
     from pyspark.sql import functions as F
     return F.pmod(F.xxhash64(F.lit(salt), F.col(col)), F.lit(max(1, n))).cast("int")

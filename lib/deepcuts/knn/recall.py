@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+from deepcuts.core.errors import GateFailed
+
 
 def recall_at_k(exact: Mapping[object, Sequence], approx: Mapping[object, Sequence], k: int
                 ) -> tuple[float | None, int]:
@@ -49,5 +51,5 @@ def check_recall(recall: float | None, min_recall: float, what: str) -> None:
                            "nothing was published (raise nprobe / ef_search, or use index = 'flat')")
 
 
-class RecallTooLow(RuntimeError):
+class RecallTooLow(GateFailed):
     """An approximate index's measured recall is under ``neighbours.min_recall``."""

@@ -10,6 +10,13 @@ Petastorm's thread pool can end an epoch early without an error (shared/README):
 epoch counts its rows against the training set's committed row count and raises
 ``ShortEpochError`` on a mismatch; an epoch that came back empty is re-read here, a
 partly-consumed one is the training loop's to redo from its checkpoint.
+
+Several training processes (``train.processes``): each rank reads one Petastorm shard
+(``cur_shard=rank, shard_count=N``: the row groups whose index is rank mod N).  Row groups
+make shards uneven, so every rank is given the same number of batches (:func:`epoch_plan`:
+the fewest any shard yields; the extra rows of the larger shards are left out of that epoch)
+and counts its rows against its shard's planned rows, known up front from the row groups'
+metadata (:func:`shard_rows`).
 """
 from __future__ import annotations
 
@@ -24,6 +31,17 @@ import numpy as np
 from deepcuts.audio.decode import mel_view
 
 log = logging.getLogger(__name__)
+
+# Petastorm 0.12 runs on pyarrow's legacy dataset API (the stack's pin, see the README), and
+# pyarrow says so on every dataset, piece and reader thread: ~20 lines per epoch that tell an
+# operator nothing.  Process-wide (reader threads warn outside any catch_warnings block), and
+# only for warnings raised in or through those two packages.
+def _silence_legacy_dataset_warnings() -> None:
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(petastorm|pyarrow)(\..*)?$")
+
+
+_silence_legacy_dataset_warnings()
 
 READ_COLUMNS = ["track_id", "mel", "n_mels", "n_frames", "target"]
 # The WPE objective's per-track weight (flattened rank x rank Cholesky factor, see trainset).
@@ -79,6 +97,35 @@ def file_urls(paths: Sequence[str]) -> list[str]:
     return [p if "://" in p else "file://" + p for p in paths]
 
 
+def row_group_rows(files: Sequence[str]) -> list[int]:
+    """Rows of every row group, in the order Petastorm numbers them (files as given, then row
+    groups within a file): read from the Parquet footers only."""
+    import pyarrow.parquet as pq
+    from deepcuts.core.storage import filesystem_for
+    counts: list[int] = []
+    for path in files:
+        fs, inner = filesystem_for(path)
+        with fs.open_input_file(inner) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        counts.extend(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return counts
+
+
+def shard_rows(group_rows: Sequence[int], shard: int, shard_count: int) -> int:
+    """Rows of Petastorm's shard ``shard`` of ``shard_count``: row groups whose index is shard mod count."""
+    return int(sum(n for i, n in enumerate(group_rows) if i % shard_count == shard))
+
+
+def epoch_plan(shard_row_counts: Sequence[int], batch_size: int) -> tuple[int, list[int]]:
+    """(batches every rank runs, rows each rank then delivers) for shards of these sizes.
+
+    Every batch of an epoch is full but a shard's last, so a shard of r rows yields
+    ceil(r / B) batches; all ranks stop at the fewest (no rank waits alone at an all-reduce),
+    which delivers min(r, batches * B) rows of each shard.  The rest is this epoch's drop."""
+    batches = min(-(-int(r) // batch_size) for r in shard_row_counts)
+    return batches, [min(int(r), batches * batch_size) for r in shard_row_counts]
+
+
 # Petastorm resolves ``s3://`` through fsspec's s3fs (another S3 client, with its own
 # credential and endpoint handling).  S3 files are given to it under a private scheme instead,
 # with the project's pyarrow S3 filesystem (the standard AWS chain, the endpoint override)
@@ -126,9 +173,16 @@ class EpochReader:
     def __init__(self, files: Sequence[str], expected_rows: int, n_mels: int, crop_frames: int,
                  batch_size: int, *, train: bool, seed: int, workers: int = 2,
                  shuffle_buffer_rows: int = 256, empty_epoch_retries: int = 2,
-                 decode_in_workers: bool = False, with_target_weight: bool = False):
+                 decode_in_workers: bool = False, with_target_weight: bool = False,
+                 cur_shard: int | None = None, shard_count: int | None = None, max_batches: int | None = None):
+        """``cur_shard``/``shard_count``: read only that Petastorm shard, whose planned rows
+        ``expected_rows`` is (see :func:`epoch_plan`); ``max_batches``: end every epoch after
+        that many batches."""
         self.urls = file_urls(files)
         self.expected_rows = expected_rows
+        self.cur_shard = cur_shard if shard_count and shard_count > 1 else None
+        self.shard_count = shard_count if self.cur_shard is not None else None
+        self.max_batches = max_batches
         self.n_mels = n_mels
         self.crop_frames = crop_frames
         self.batch_size = batch_size
@@ -167,7 +221,8 @@ class EpochReader:
                                        # Petastorm's default queues 50 row groups (~0.5 GB of mels): a few suffice.
                                        results_queue_size=2 * self.workers + 2,
                                        shuffle_row_groups=self.train, seed=self.seed * 100_003 + epoch,
-                                       transform_spec=spec, filesystem=filesystem)
+                                       transform_spec=spec, filesystem=filesystem,
+                                       cur_shard=self.cur_shard, shard_count=self.shard_count)
         with reader:
             for batch in reader:
                 if self.decode_in_workers:
@@ -184,9 +239,15 @@ class EpochReader:
         """One epoch.  Raises ShortEpochError after the last batch if rows went missing."""
         for attempt in range(self.empty_epoch_retries + 1):
             rows = 0
-            for arrays in self._shuffled(self._row_groups(epoch), epoch):
-                rows += len(arrays[0])
-                yield arrays
+            batches = self._shuffled(self._row_groups(epoch), epoch)
+            try:
+                for count, arrays in enumerate(batches, start=1):
+                    rows += len(arrays[0])
+                    yield arrays
+                    if count == self.max_batches:
+                        break
+            finally:
+                batches.close()   # stops Petastorm's threads when an epoch ends at max_batches
             self.last_epoch_rows = rows
             if rows == self.expected_rows:
                 return
@@ -195,8 +256,23 @@ class EpochReader:
                             epoch, self.expected_rows, attempt + 2)
                 continue
             break
-        raise ShortEpochError(f"epoch {epoch} delivered {self.last_epoch_rows} rows, the training set "
+        shard = "" if self.cur_shard is None else f" (shard {self.cur_shard} of {self.shard_count})"
+        raise ShortEpochError(f"epoch {epoch} delivered {self.last_epoch_rows} rows, the training set{shard} "
                               f"holds {self.expected_rows} ({len(self.urls)} files)")
+
+    def track_ids(self) -> list[str]:
+        """The track ids this reader's shard holds (one pass over the ``track_id`` column):
+        which tracks a rank trains on."""
+        from petastorm import make_batch_reader
+        urls, filesystem = petastorm_source(self.urls)
+        ids: list[str] = []
+        with make_batch_reader(urls, schema_fields=["track_id"], reader_pool_type="thread",
+                               workers_count=self.workers, num_epochs=1, shuffle_row_groups=False,
+                               filesystem=filesystem, cur_shard=self.cur_shard,
+                               shard_count=self.shard_count) as reader:
+            for batch in reader:
+                ids.extend(str(t) for t in batch.track_id)
+        return ids
 
     def _shuffled(self, groups: Iterator[tuple[np.ndarray, ...]], epoch: int):
         """Mix rows of several row groups, then cut batches; memory stays ~shuffle_buffer_rows.
@@ -233,9 +309,27 @@ def band_statistics(files: Sequence[str], expected_rows: int, n_mels: int, crop_
                     workers: int = 2, empty_epoch_retries: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and std over the training set's middle crops, computed once: one streamed
     pass with float64 running sums (memory of one row group), row count checked like an epoch."""
+    return band_statistics_from_sums(*band_sums(files, expected_rows, n_mels, crop_frames, seed, workers,
+                                                empty_epoch_retries), crop_frames)
+
+
+def band_statistics_from_sums(total: np.ndarray, total_sq: np.ndarray, rows: int,
+                              crop_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per band from the float64 sums of :func:`band_sums` (summed over shards)."""
+    count = rows * crop_frames
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def band_sums(files: Sequence[str], expected_rows: int, n_mels: int, crop_frames: int, seed: int,
+              workers: int = 2, empty_epoch_retries: int = 2, cur_shard: int | None = None,
+              shard_count: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(sum, sum of squares per band, rows) over the middle crops of the files (or of one
+    shard, whose rows ``expected_rows`` is); the row count is checked like an epoch's."""
     reader = EpochReader(files, expected_rows=expected_rows, n_mels=n_mels, crop_frames=crop_frames,
                          batch_size=1, train=False, seed=seed, workers=workers,
-                         empty_epoch_retries=empty_epoch_retries)
+                         empty_epoch_retries=empty_epoch_retries, cur_shard=cur_shard, shard_count=shard_count)
     for attempt in range(empty_epoch_retries + 1):
         total = np.zeros(n_mels, dtype=np.float64)
         total_sq = np.zeros(n_mels, dtype=np.float64)
@@ -246,10 +340,7 @@ def band_statistics(files: Sequence[str], expected_rows: int, n_mels: int, crop_
             total_sq += np.square(x).sum(axis=(0, 2))
             rows += x.shape[0]
         if rows == expected_rows and rows > 0:
-            count = rows * crop_frames
-            mean = total / count
-            std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
-            return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+            return total, total_sq, rows
         if rows != 0:
             break
         log.warning("Petastorm read 0 of %d rows for the band statistics: re-reading (attempt %d)",

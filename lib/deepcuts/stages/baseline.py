@@ -138,6 +138,9 @@ def run(ctx) -> dict:
     from deepcuts.evaluation.runner import hash_unit
 
     spark, bc = ctx.spark, ctx.cfg.baseline
+    from deepcuts.stages.content import plays_unset
+    if plays_unset(ctx.cfg):   # content-only mode (issue 18): no ALS factors to regress on
+        return {"skipped": f"{plays_unset(ctx.cfg)}: the baseline regresses ALS factors"}
     lap = Laps()
     timings = lap.seconds
 

@@ -22,6 +22,13 @@ Splits (``evaluate.splits``), each a shared :class:`~deepcuts.evaluation.runner.
   the users who played them, positives from the play counts (read and validated as the
   factors stage reads them).
 
+* ``sparse_warm`` (test) and ``sparse_warm_validation`` (where ``infer.blend_prior_strength``
+  is chosen, ``bench/blend_prior.py``): tracks that kept only 1..5 listeners in the published
+  fit (the factors stage's sparse-warm protocol), ranked for the users of their held-out plays
+  (the kept listeners' pairs are excluded from candidates); predictors ``usage`` (published
+  ALS), ``audio`` (the CNN in the ALS space, as infer serves it), ``threshold``
+  (``infer.min_listeners_for_usage``) and ``blend`` (:mod:`deepcuts.cf.blend`).
+
 Users: the published ``user_factors`` users with a positive, hash-sampled to
 ``factors.eval_max_users`` (``eval_seed``), the same for every predictor of a split.
 
@@ -33,6 +40,9 @@ Cost: per split and predictor one scoring pass (``deepcuts.evaluation.runner``: 
 1e6 candidates ~1,000 core-seconds measured, x 1e7 ~10,000 core-seconds, memory per task bounded by one
 candidate block); the cold split holds ``factors.cold_fraction`` of the catalogue (2e5
 candidates at 1e6 tracks, 2e6 at 1e7), validation ``train.validation_fraction`` of the rest.
+The sparse-warm splits hold ``factors.sparse_warm_fraction`` of the non-cold tracks (1.6e5
+candidates at 1e6 tracks, 1.6e6 at 1e7), four predictors each; the blend adds one scan of
+the plays and a solve per candidate (``deepcuts.cf.blend``, infer's cost).
 The CNN scores the candidates it has no stored prediction for (infer's executors, ~150
 tracks/s per core).
 """
@@ -44,11 +54,15 @@ import sys
 from deepcuts.core.tables import (BASELINE_FACTORS, EVAL_HOLDOUT, EVALUATION_RESULTS, MELS, PREDICTED_FACTORS,
                                   TRACK_FACTORS, UPPER_BOUND_FACTORS, USER_FACTORS, VALIDATION_EXAMPLES)
 from deepcuts.evaluation import runner as ev
+from deepcuts.stages import content
 
 log = logging.getLogger(__name__)
 
 
 RANDOM, BASELINE, CNN, UPPER_BOUND = "random", "baseline", "cnn", "upper_bound"
+# The sparse-warm splits' predictors (issue 19): how a track with 1..5 listeners is served.
+USAGE, AUDIO, THRESHOLD, BLEND = "usage", "audio", "threshold", "blend"
+SPARSE_PREDICTORS = (USAGE, AUDIO, THRESHOLD, BLEND)
 
 
 class Skip(Exception):
@@ -82,6 +96,15 @@ def split_pairs(ctx, split: str):
         pairs = aggregate_pairs(plays.where(F.col("reason").isNull())).select("user_id", "track_id") \
             .join(tracks, "track_id", "left_semi")
         return pairs, tracks.join(_mel_tracks(ctx), "track_id", "left_semi")
+    if split in ev.SPARSE_SPLITS:
+        if not ctx.exists(EVAL_HOLDOUT):
+            raise Skip("no eval_holdout: run the factors stage with factors.evaluate = true")
+        pairs = ctx.read(EVAL_HOLDOUT).where(F.col("split") == split).select("user_id", "track_id")
+        if pairs.limit(1).count() == 0:
+            raise Skip("no sparse-warm pairs in eval_holdout (factors.sparse_warm_fraction = 0 or "
+                       "factors.evaluate = false in the last factors run)")
+        candidates = pairs.select("track_id").distinct().join(_mel_tracks(ctx), "track_id", "left_semi")
+        return pairs, candidates
     raise ValueError(f"unknown split {split!r}")
 
 
@@ -91,9 +114,13 @@ def split_population(ctx, split: str) -> ev.Population:
         raise Skip("no user_factors: run the factors stage first")
     fc, ec = ctx.cfg.factors, ctx.cfg.evaluate
     pairs, candidates = split_pairs(ctx, split)
+    excluded = None
+    if split in ev.SPARSE_SPLITS:   # the 1..5 listeners a sparse track kept are training plays, not negatives
+        from deepcuts.cf.blend import fit_pairs
+        excluded = fit_pairs(ctx.spark, fc, ctx.read(EVAL_HOLDOUT)).join(candidates, "track_id", "left_semi")
     return ev.build_population(pairs, candidates, ctx.read(USER_FACTORS).select("user_id"), split=split,
                                max_users=fc.eval_max_users, seed=fc.eval_seed, users_per_task=ec.users_per_task,
-                               candidates_per_block=ec.candidates_per_block)
+                               candidates_per_block=ec.candidates_per_block, excluded=excluded)
 
 
 # --- the predictors ------------------------------------------------------------------------------
@@ -171,6 +198,45 @@ def predictor_vectors(ctx, predictor: str, split: str, pop: ev.Population, cnn) 
     raise ValueError(f"unknown predictor {predictor!r}")
 
 
+def sparse_vectors(ctx, predictor: str, pop: ev.Population, cnn, strength: float | None = None) -> tuple:
+    """(user vectors, track vectors, model_id) of a sparse-warm predictor: the published ALS
+    vectors (``usage``), the CNN's brought into the ALS space as infer serves them (``audio``),
+    infer's threshold switch (``threshold``), or the blend (``blend``, prior strength
+    ``strength``, default ``infer.blend_prior_strength``) over the published fit's plays."""
+    from pyspark.sql import functions as F
+    from deepcuts.stages.infer import audio_to_als_expr, median_als_norm
+    users = ctx.read(USER_FACTORS).select("user_id", "factors")
+    tracks = ctx.read(TRACK_FACTORS)
+    if predictor == USAGE:
+        return users, tracks.select("track_id", "factors"), _run_id_of(tracks)
+    if cnn is None:
+        raise Skip("no trained model: run the train stage")
+    model_id, folder, meta = cnn
+    if meta.get("target") != "factors":
+        raise Skip(f"model {model_id} has target {meta.get('target')!r}: not in the ALS space")
+    audio = cnn_vectors(ctx, folder, model_id, pop.candidates).select(
+        "track_id", audio_to_als_expr(F.col("factors"), meta, median_als_norm(tracks)).alias("factors"))
+    if predictor == AUDIO:
+        return users, audio, model_id
+    if predictor == THRESHOLD:
+        usage = tracks.where(F.col("n_listeners") >= ctx.cfg.infer.min_listeners_for_usage) \
+            .select("track_id", "factors")
+        low = tracks.join(usage, "track_id", "left_anti").join(audio, "track_id", "left_anti") \
+            .select("track_id", "factors")   # no audio vector: whatever ALS vector exists (infer's fallback)
+        return users, usage.unionByName(audio.join(usage, "track_id", "left_anti")).unionByName(low), model_id
+    if predictor == BLEND:
+        from deepcuts.cf.blend import blend_vectors, fit_pairs, user_gram
+        ic = ctx.cfg.infer
+        pairs = fit_pairs(ctx.spark, ctx.cfg.factors, ctx.read(EVAL_HOLDOUT)) \
+            .join(pop.candidates, "track_id", "left_semi")
+        blended = blend_vectors(pairs, users, audio, gram=user_gram(users), fc=ctx.cfg.factors,
+                                strength=ic.blend_prior_strength if strength is None else strength,
+                                max_listeners=ic.blend_max_listeners,
+                                partitions=ctx.spark.sparkContext.defaultParallelism).select("track_id", "factors")
+        return users, blended.unionByName(audio.join(blended, "track_id", "left_anti")), model_id
+    raise ValueError(f"unknown sparse-warm predictor {predictor!r}")
+
+
 def check_same_population(results: list[dict]) -> None:
     """Every row of one split must describe the same users and candidates (the point of it)."""
     for split in {r["split"] for r in results}:
@@ -186,7 +252,10 @@ def run(ctx) -> dict:
     from deepcuts.core.storage import delete_tree
     cfg, ec, fc = ctx.cfg, ctx.cfg.evaluate, ctx.cfg.factors
     scratch = ctx.path("_scratch", "evaluate", ctx.run_id)
-    cnn = resolve_cnn(ctx) if CNN in ec.predictors else None
+    cnn = resolve_cnn(ctx) if CNN in ec.predictors or set(ec.splits) & set(ev.SPARSE_SPLITS) else None
+    if CNN in ec.predictors and cnn is not None and ec.model:   # named explicitly: a mismatch is an error
+        content.check_model_is_factors(cnn[2], f"the {CNN} predictor (it ranks in the ALS space)",
+                                       f"drop {CNN} from evaluate.predictors (label metrics need no predictor)")
     results: list[dict] = []
     skipped: dict[str, str] = {}
     try:
@@ -197,9 +266,11 @@ def run(ctx) -> dict:
                 skipped[split] = str(why)
                 continue
             try:
-                for predictor in ec.predictors:
+                sparse = split in ev.SPARSE_SPLITS
+                for predictor in (SPARSE_PREDICTORS if sparse else ec.predictors):
                     try:
-                        users, tracks, model_id = predictor_vectors(ctx, predictor, split, pop, cnn)
+                        users, tracks, model_id = (sparse_vectors(ctx, predictor, pop, cnn) if sparse else
+                                                   predictor_vectors(ctx, predictor, split, pop, cnn))
                     except Skip as why:
                         skipped[f"{split}/{predictor}"] = str(why)
                         continue
@@ -212,14 +283,20 @@ def run(ctx) -> dict:
     finally:
         delete_tree(scratch)
     check_same_population(results)
-    if results:
+    # A labels model (content-only mode, issue 18): label precision / accuracy rows beside chance.
+    label_rows, label_summary = content.label_metrics(ctx, cnn or resolve_cnn(ctx))
+    if results or label_rows:
         users_run = _run_id_of(ctx.read(USER_FACTORS))
-        ctx.write(ev.results_frame(ctx.spark, results, ctx.run_id,
+        ctx.write(ev.results_frame(ctx.spark, results + label_rows, ctx.run_id,
                                    {"factors_run_id": users_run, "max_users": fc.eval_max_users,
                                     "seed": fc.eval_seed}),
                   EVALUATION_RESULTS, mode="append")
-        print(ev.format_results_table(results), flush=True)
+        if results:
+            print(ev.format_results_table(results), flush=True)
+        if label_rows:
+            print(content.format_label_table(label_rows), flush=True)
     summary = {f"{r['split']}/{r['predictor']}": _line(r) for r in results}
+    summary.update(label_summary)
     summary["cnn_model"] = cnn[0] if cnn else None
     if skipped:
         summary["skipped"] = skipped
@@ -268,6 +345,9 @@ def evaluate_main(argv=None) -> int:
     spark = get_session(cfg, f"{cfg.spark.app_name}-evaluate")
     try:
         run_stage(spark, cfg, "evaluate")
+    except ConfigError as exc:     # e.g. a model that does not fit the predictors asked for
+        print(f"deepcuts evaluate: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         if ours:
             spark.stop()

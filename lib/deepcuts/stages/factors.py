@@ -25,23 +25,45 @@ Outputs (all ids are the original ids as canonical strings, see ``deepcuts.cf.pl
     user's training tracks removed from the candidates (a join, not a broadcast); the
     standard CF sanity check.  That model is discarded.
 
+  - the sparse-warm protocol (issue 19): a hash sample (``sparse_warm_fraction``) of the
+    other tracks keeps only 1..``sparse_warm_max_listeners`` of its listeners in the fit; the
+    rest of its plays go to ``eval_holdout`` (split "sparse_warm", or "sparse_warm_validation"
+    for ``sparse_warm_validation_share`` of the sample), scored by the evaluate stage.
+
   Without ``factors.evaluate`` (production) nothing is held out: ``eval_holdout`` and
   ``upper_bound_factors`` are committed empty, so no later stage evaluates against a stale
   holdout.
+
+* ``factor_alignments``: each fit is rotated onto the previous published one
+  (:mod:`deepcuts.cf.align`, orthogonal Procrustes on the shared tracks), users and tracks
+  alike, so a model trained on earlier factors keeps serving in the same space; one row per
+  fit records the rotation and its residual.
+
+Cost (estimated from ``bench/factors.py``: 1.0 s per iteration for 4e5 pairs at rank 32 on
+2 cores, i.e. ~5 core-µs per pair and iteration, plus (users + tracks) x rank³ per solve):
+10^6 tracks with 10^8 play pairs, 10 iterations, ~5,000 core-s per fit (~1.4 core-hours),
+three fits with ``factors.evaluate`` (the upper bound and the warm check); 10^7 tracks with
+10^9 pairs ~14 core-hours per fit.  ALS holds its in/out blocks on the executors, never the
+driver.  The alignment adds one join of the new and previous track vectors (128 B each at
+rank 32: 128 MB shuffled at 10^6, 1.3 GB at 10^7) and rank² partial sums per partition to the
+driver; the rotation is one numpy product per Arrow batch.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from deepcuts.cf import align
 from deepcuts.evaluation import runner as ev
 from deepcuts.core.config import Config, FactorsConf
+from deepcuts.core.errors import InputMissing
 from deepcuts.cf.plays import (aggregate_pairs, dense_index, flag_unknown_tracks, rating_column, read_raw_plays,
                                validate_plays)
 from deepcuts.core.runs import Laps
 from deepcuts.core.spark import checkpoint_dir
-from deepcuts.core.tables import (EVAL_HOLDOUT, EVALUATION_RESULTS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
-                     TRACK_INDEX, UPPER_BOUND_FACTORS, USER_FACTORS, USER_INDEX)
+from deepcuts.core.tables import (EVAL_HOLDOUT, EVALUATION_RESULTS, FACTOR_ALIGNMENTS, MELS, PLAYS_REJECTS,
+                                  TRACK_FACTORS, TRACK_INDEX, UPPER_BOUND_FACTORS, USER_FACTORS, USER_INDEX,
+                                  spark_schema)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +110,15 @@ def model_vectors(model, user_index, track_index):
     return users, tracks
 
 
-def published_tables(model, fit_ratings, user_index, track_index, min_listeners: int, run_id: str):
-    """The ``user_factors`` and ``track_factors`` frames of the published fit."""
+def published_tables(model, fit_ratings, user_index, track_index, min_listeners: int, run_id: str,
+                     rotation=None):
+    """The ``user_factors`` and ``track_factors`` frames of the published fit, turned by
+    ``rotation`` (see :mod:`deepcuts.cf.align`) when given."""
     from pyspark.sql import functions as F
     users, tracks = model_vectors(model, user_index, track_index)
+    if rotation is not None:
+        users = users.withColumn("factors", align.rotate(F.col("factors"), rotation))
+        tracks = tracks.withColumn("factors", align.rotate(F.col("factors"), rotation))
     user_counts = fit_ratings.groupBy("user_id").agg(
         F.round(F.sum("plays")).cast("long").alias("n_plays"), F.count("*").alias("n_tracks"))
     track_counts = fit_ratings.groupBy("track_id").agg(
@@ -102,6 +129,31 @@ def published_tables(model, fit_ratings, user_index, track_index, min_listeners:
                      .withColumn("factors_unit", unit_vector(F.col("factors")))
                      .withColumn("run_id", F.lit(run_id)))
     return user_factors, track_factors
+
+
+def align_to_previous(ctx, model, user_index, track_index, rank: int) -> tuple:
+    """(rotation or None, the ``factor_alignments`` row) of this fit onto the previous
+    published one (:mod:`deepcuts.cf.align`)."""
+    from pyspark.sql import functions as F
+    row = {"factors_run_id": ctx.run_id, "aligned_to_run_id": None, "rank": rank, "shared_tracks": 0,
+           "residual": None, "unaligned_residual": None, "rotation": None, "note": None}
+    if not ctx.cfg.factors.align:
+        return None, {**row, "note": "not aligned (factors.align = false): a new space"}
+    if not ctx.exists(TRACK_FACTORS):
+        return None, {**row, "note": "first fit: it defines the space"}
+    previous = ctx.read(TRACK_FACTORS)
+    first = previous.select(F.size("factors").alias("rank"), "run_id").first()
+    if first is None:
+        return None, {**row, "note": "previous fit is empty: a new space"}
+    if first["rank"] != rank:
+        return None, {**row, "note": f"rank changed {first['rank']} -> {rank}: a new space (retrain the model)"}
+    found = align.align_to(model_vectors(model, user_index, track_index)[1], previous, rank)
+    if found is None:
+        return None, {**row, "note": f"no track shared with fit {first['run_id']}: a new space"}
+    return found.rotation, {**row, "aligned_to_run_id": first["run_id"], "shared_tracks": found.shared_tracks,
+                            "residual": found.residual, "unaligned_residual": found.unaligned_residual,
+                            "rotation": found.rotation.ravel().astype("float32").tolist(),
+                            "note": f"aligned to {first['run_id']}"}
 
 
 def _metric_line(r: dict) -> str:
@@ -131,7 +183,7 @@ def evaluate_protocol(ctx, fc: FactorsConf, ratings, user_index, track_index) ->
         full_model, _ = fit_als(spark, ratings, fc)
         upper = upper_bound_rows(*model_vectors(full_model, user_index, track_index), ctx.run_id)
     if fc.warm_fraction > 0:
-        known = ratings.where(~F.col("cold"))
+        known = ratings.where(~F.col("cold") & F.col("sparse").isNull())
         held = ev.hash_unit(seed + 1, "user_id", "track_id") < F.lit(fc.warm_fraction)
         warm_train = known.where(~held)
         warm_test = known.where(held)
@@ -158,6 +210,9 @@ def run(ctx) -> dict:
     from pyspark.sql import functions as F
     spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     fc = cfg.factors
+    from deepcuts.stages.content import plays_unset
+    if plays_unset(cfg):   # content-only mode (issue 18): nothing to fit; the manifest says "skipped"
+        return {"skipped": plays_unset(cfg)}
     spark.sparkContext.setCheckpointDir(checkpoint_dir(cfg))  # else ALS ignores checkpointInterval
     summary: dict = {}
     persisted = []
@@ -192,26 +247,44 @@ def run(ctx) -> dict:
             ratings = ratings.withColumn("cold", ev.is_cold_track(fc.cold_fraction, fc.eval_seed))
         else:
             ratings = ratings.withColumn("cold", F.lit(False))
+        # the sparse-warm protocol (issue 19): "sparse" names the split of a pair hidden from the fit
+        if fc.evaluate and fc.sparse_warm_fraction > 0:
+            sparse = ev.sparse_warm_holdout(ratings, fc.sparse_warm_fraction, fc.sparse_warm_max_listeners,
+                                            fc.sparse_warm_validation_share, fc.eval_seed)
+            ratings = ratings.join(sparse.withColumnRenamed("split", "sparse"), ["user_id", "track_id"], "left")
+        else:
+            ratings = ratings.withColumn("sparse", F.lit(None).cast("string"))
         ratings = keep(ratings.persist())
-        fit_ratings = ratings.where(~F.col("cold"))
+        fit_ratings = ratings.where(~F.col("cold") & F.col("sparse").isNull())
         holdout = ratings.where(F.col("cold")).select("user_id", "track_id", "plays",
-                                                      F.lit(ev.COLD).alias("split"))
+                                                      F.lit(ev.COLD).alias("split")) \
+            .unionByName(ratings.where(F.col("sparse").isNotNull())
+                         .select("user_id", "track_id", "plays", F.col("sparse").alias("split")))
         stats = ratings.agg(F.count("*").alias("pairs"), F.countDistinct("user_id").alias("users"),
                             F.countDistinct("track_id").alias("tracks"),
                             F.sum(F.col("cold").cast("int")).alias("cold_pairs"),
                             F.countDistinct(F.when(F.col("cold"), F.col("track_id"))).alias("cold_tracks"),
-                            F.countDistinct(F.when(~F.col("cold"), F.col("track_id"))).alias("fitted_tracks")
-                            ).first()
+                            F.countDistinct(F.when(~F.col("cold"), F.col("track_id"))).alias("fitted_tracks"),
+                            F.count("sparse").alias("sparse_pairs"),
+                            F.countDistinct("sparse", "track_id").alias("sparse_tracks")).first()
         summary.update(pairs=stats["pairs"], users=stats["users"], tracks=stats["tracks"],
                        cold_tracks=stats["cold_tracks"] or 0, cold_pairs=stats["cold_pairs"] or 0)
+        summary.update(sparse_warm_tracks=stats["sparse_tracks"] or 0, sparse_warm_pairs=stats["sparse_pairs"] or 0)
+        if not stats["pairs"]:
+            raise InputMissing(f"factors.plays {fc.plays}: no usable play rows of {summary['input_rows']} "
+                               f"(rejected: {summary['rejected_rows'] or 'none'}); nothing was published")
         lap("read_validate_index")
 
         model, seconds = fit_als(spark, fit_ratings, fc)
         lap("fit")
         summary["als"] = {"rank": fc.rank, "iterations": fc.iterations, "blocks": num_blocks(spark, fc),
                           "seconds": round(seconds, 1)}
+        rotation, alignment = align_to_previous(ctx, model, user_index, track_index, fc.rank)
+        summary["alignment"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in alignment.items()
+                                if k not in ("rotation", "factors_run_id", "rank")}
+        lap("align")
         user_factors, track_factors = published_tables(model, fit_ratings, user_index, track_index,
-                                                       fc.min_track_listeners, run_id)
+                                                       fc.min_track_listeners, run_id, rotation)
         rejects = validated.where(F.col("reason").isNotNull()).select(
             "user_id", "track_id", F.col("plays_text").alias("plays"), "reason", F.lit(run_id).alias("run_id"))
 
@@ -223,6 +296,8 @@ def run(ctx) -> dict:
             PLAYS_REJECTS.name: ctx.write(rejects, PLAYS_REJECTS),
             EVAL_HOLDOUT.name: ctx.write(holdout, EVAL_HOLDOUT),
         }
+        ctx.write(spark.createDataFrame([alignment], spark_schema(FACTOR_ALIGNMENTS)), FACTOR_ALIGNMENTS,
+                  mode="append")
         summary["users_with_factors"] = snaps[USER_FACTORS.name].rows
         summary["tracks_with_factors"] = snaps[TRACK_FACTORS.name].rows
         summary["tracks_below_min_listeners"] = stats["fitted_tracks"] - snaps[TRACK_FACTORS.name].rows

@@ -5,9 +5,24 @@ Outputs
                          fingerprint of the mel it came from, model_id, run_id), in the
                          model's own output space.
   ``infer_rejects``      the tracks that could not be scored this run, with a reason code.
-  ``serving_factors``    one row per catalogue track: the ALS factors where the track has
+  ``serving_factors``    one row per catalogue track.  ``infer.serving = "blend"`` (the
+                         default): source ``usage`` (published ALS factors) for tracks with more
+                         than ``infer.blend_max_listeners`` listeners, ``blend`` for tracks with
+                         1..that many and an audio vector (one ALS item half-step with the audio
+                         vector as prior, :mod:`deepcuts.cf.blend`), ``audio`` for tracks without
+                         plays.  ``"threshold"``: the ALS factors where the track has
                          ``infer.min_listeners_for_usage`` listeners, else its audio-predicted
                          factors brought into the ALS space (see ``audio_scale``).
+
+The blend re-reads the published fit's plays (``factors.plays`` validated as factors reads
+it, minus ``eval_holdout``), joins ``user_factors`` and solves per track in the executors;
+only XᵀX (rank² numbers) reaches the driver.  Cost: one scan + aggregation of the plays (the
+same as the factors stage's read), a shuffle of the listener rows of tracks with at most
+``blend_max_listeners`` listeners (each carrying a rank-float user vector), and per such
+track O(n·rank² + rank³) flops.  Estimated (not yet measured at scale): at 1e6 tracks of
+which ~8e5 in the long tail (≤ 50 listeners, ~5 each) ~4e6 rows x 32 floats ≈ 0.5 GB
+shuffled and ~1e11 flops (≈ 100 core-seconds); at 1e7 tracks 10x that (~5 GB shuffled, ~1,000 core-seconds), memory per task
+bounded by one Arrow batch plus one track.
 
 Scoring runs in the executors, reading from the warehouse what it needs: Spark scans only
 the small key columns of ``mels`` (``mel_locations``: track, fingerprint, file, row), groups
@@ -47,13 +62,16 @@ import pandas as pd
 import pyarrow as pa
 
 from deepcuts.audio.decode import mel_view
+from deepcuts.cf.align import OTHER_SPACE, current_lineage, model_space
 from deepcuts.core.config import Config
-from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
+from deepcuts.core.tables import (FACTOR_ALIGNMENTS, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS,
+                                  TRACK_FACTORS)
 
 log = logging.getLogger(__name__)
 
 SOURCE_USAGE = "usage"
 SOURCE_AUDIO = "audio"
+SOURCE_BLEND = "blend"      # few listeners: the ALS item half-step with the audio vector as prior
 
 # Reason codes of infer_rejects.
 MEL_SIZE_MISMATCH = "mel_size_mismatch"     # byte length != n_mels * n_frames float16
@@ -237,6 +255,16 @@ def task_device() -> str:
     return "cuda"
 
 
+def device_scoring(device: str, batch_size: int, precision: str, gpu_batch_size: int,
+                   gpu_precision: str) -> tuple[int, str]:
+    """(batch size, precision) for the device a task scores on: ``infer.gpu_batch_size`` /
+    ``infer.gpu_precision`` on a CUDA device (the task's GPU resource, see task_device),
+    ``infer.batch_size`` / ``infer.precision`` on a CPU."""
+    if device.startswith("cuda"):
+        return gpu_batch_size, gpu_precision
+    return batch_size, precision
+
+
 def task_cores(default: int = 1) -> int:
     try:
         from pyspark import TaskContext
@@ -340,18 +368,21 @@ def score_stored_mels(file_uri: str, rows: list[int], track_ids: list[str], arti
 # Scoring in the executors
 # --------------------------------------------------------------------------------------
 def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, batch_size: int,
-            precision: str):
+            precision: str, gpu_batch_size: int | None = None, gpu_precision: str | None = None):
     def score_partition(units: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
         from deepcuts.core.spark import python_worker_setup
         python_worker_setup()
         torch.set_num_threads(task_cores())   # the task's cores, or executors oversubscribe
-        artifact = worker_artifact(key, artifact_dir, task_device(), precision)
+        device = task_device()
+        scoring_batch, dtype = device_scoring(device, batch_size, precision, gpu_batch_size or batch_size,
+                                              gpu_precision or precision)
+        artifact = worker_artifact(key, artifact_dir, device, dtype)
         for batch in units:
             for file_uri, rows in zip(batch["mel_file"], batch["rows"]):
                 yield from score_stored_mels(file_uri, [int(r["mel_row"]) for r in rows],
                                              [r["track_id"] for r in rows], artifact, scoring,
-                                             window_seconds, batch_size)
+                                             window_seconds, scoring_batch)
     return score_partition
 
 
@@ -382,7 +413,7 @@ def predict_vectors(spark, locations, artifact_path: str, cfg: Config):
     parallelism = spark.sparkContext.defaultParallelism
     units = units.repartition(max(1, min(n_units, 4 * parallelism)))
     score = _scorer(key, artifact_path, cfg.infer.scoring, cfg.infer.window_seconds,
-                    cfg.infer.batch_size, cfg.infer.precision)
+                    cfg.infer.batch_size, cfg.infer.precision, cfg.infer.gpu_batch_size, cfg.infer.gpu_precision)
     return units.select("mel_file", "rows").mapInPandas(score, from_arrow_schema(SCORED_SCHEMA))
 
 
@@ -433,12 +464,26 @@ def predicts_unit_factors(meta: dict) -> bool:
 
 def check_model_fits_factors(meta: dict, rank: int | None) -> None:
     """Audio rows are served beside ALS rows: the model must predict vectors of that space."""
+    from deepcuts.core.config import ConfigError   # a mismatch of model and stage: exit 2, one line
     if meta.get("target") != "factors":
-        raise RuntimeError(f"model {meta.get('model_id')} has target {meta.get('target')!r}: "
-                           "serving_factors needs a model trained on target 'factors'")
+        raise ConfigError(f"model {meta.get('model_id')} has target {meta.get('target')!r}: "
+                          "serving_factors needs a model trained on target 'factors'")
     if rank is not None and int(meta["out_dim"]) != rank:
-        raise RuntimeError(f"model {meta.get('model_id')} predicts {meta['out_dim']} factors but "
-                           f"track_factors has rank {rank}: retrain the model on the current factors")
+        raise ConfigError(f"model {meta.get('model_id')} predicts {meta['out_dim']} factors but "
+                          f"track_factors has rank {rank}: retrain the model on the current factors")
+
+
+def check_model_space(meta: dict, current_run: str | None, chain: list[str]) -> str:
+    """The model's ALS space against the current factors (:func:`deepcuts.cf.align.model_space`);
+    a model of any other space is refused: its vectors would be served in the wrong space."""
+    from deepcuts.core.errors import GateFailed
+    space = model_space(meta.get("factors_run_id"), current_run, chain)
+    if space == OTHER_SPACE:
+        raise GateFailed(
+            f"model {meta.get('model_id')} learnt ALS factors run {meta.get('factors_run_id')}, but the current "
+            f"factors run {current_run} is not aligned to it (its space starts at {chain[-1]}: see the "
+            "factor_alignments table): retrain (the train stage) or set infer.model to a model of this space")
+    return space
 
 
 def median_als_norm(track_factors) -> float | None:
@@ -458,9 +503,14 @@ def run(ctx) -> dict:
     spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     model_id, artifact_dir = resolve_model(cfg, ctx.lake)
     meta = load_artifact(artifact_dir).meta   # a broken artifact stops here, before Spark work
+    if meta.get("target") == "labels":   # embeddings + predicted labels; serving_factors untouched
+        from deepcuts.stages.content import infer_labels
+        return infer_labels(ctx, model_id, artifact_dir, meta)
     track_factors = ctx.read(TRACK_FACTORS)
     first = track_factors.select(F.size("factors").alias("rank")).first()
     check_model_fits_factors(meta, first["rank"] if first else None)
+    factors_run, chain = current_lineage(ctx, TRACK_FACTORS, FACTOR_ALIGNMENTS)
+    space = check_model_space(meta, factors_run, chain)
     locations = mel_locations(ctx).persist(StorageLevel.MEMORY_AND_DISK)
     current_keys = locations.select("track_id", "fingerprint")
 
@@ -498,18 +548,21 @@ def run(ctx) -> dict:
     serving = write_serving(ctx, model_id, meta, locations, track_factors)
     n_mels = locations.count()
     locations.unpersist()
-    n_rejected = sum(counts.values())
     return {
-        "model_id": model_id,
-        "scoring": cfg.infer.scoring,
-        "mode": "full" if full else "incremental",
-        "mels": n_mels,
-        "scored": n_scored,
-        "unchanged": n_mels - n_scored - n_rejected,
-        "rejected": counts,
+        **scoring_summary(model_id, cfg, full, n_mels, n_scored, counts),
         "predicted_factors": str(predicted) if predicted else "unchanged",
+        "model_factors_run": meta.get("factors_run_id"),
+        "current_factors_run": factors_run,
+        "model_space": space,
         **serving,
     }
+
+
+def scoring_summary(model_id: str, cfg: Config, full: bool, n_mels: int, n_scored: int, rejected: dict) -> dict:
+    """The scoring half of the stage summary (a factors or a labels model alike)."""
+    return {"model_id": model_id, "scoring": cfg.infer.scoring, "mode": "full" if full else "incremental",
+            "mels": n_mels, "scored": n_scored, "unchanged": n_mels - n_scored - sum(rejected.values()),
+            "rejected": rejected}
 
 
 def write_serving(ctx, model_id: str, meta: dict, locations, track_factors) -> dict:
@@ -537,27 +590,30 @@ def write_serving(ctx, model_id: str, meta: dict, locations, track_factors) -> d
         .join(predicted.select("track_id"), "track_id", "left_anti").select(
             "track_id", "factors", F.lit(SOURCE_USAGE).alias("source"),
             F.lit(None).cast("string").alias("model_id"))
-    serving = usage.unionByName(audio).unionByName(fallback).withColumn("run_id", F.lit(run_id))
-    committed = ctx.write(serving, SERVING_FACTORS,
+    serving = usage.unionByName(audio).unionByName(fallback)
+    blend_info = None
+    if cfg.infer.serving == "blend":   # issue 19: little usage -> the ALS half-step with the audio prior
+        from deepcuts.cf.blend import serving_rows
+        audio_vectors = predicted.select("track_id", audio_to_als_expr(F.col("factors"), meta, scale).alias("factors"))
+        blended, blend_info = serving_rows(ctx, track_factors, audio_vectors, model_id,
+                                           (SOURCE_USAGE, SOURCE_AUDIO, SOURCE_BLEND))
+        serving = blended if blended is not None else serving
+    committed = ctx.write(serving.withColumn("run_id", F.lit(run_id)), SERVING_FACTORS,
                           metadata={"min_listeners_for_usage": threshold, "audio_scale": scale,
-                                    "model_id": model_id})
+                                    "model_id": model_id, "serving": cfg.infer.serving,
+                                    "blend_prior_strength": cfg.infer.blend_prior_strength})
+    if blend_info and "_persisted" in blend_info:
+        blend_info.pop("_persisted").unpersist()
 
     written = ctx.read(SERVING_FACTORS)
     by_source = {r["source"]: r["n"] for r in written.groupBy("source")
                  .agg(F.count("*").alias("n")).collect()}
     unserved = locations.select("track_id").join(written.select("track_id"), "track_id", "left_anti").count()
-    factors_info = ctx.version_info(TRACK_FACTORS)
-    factors_run = factors_info[0] if factors_info else None
-    if factors_run and meta.get("factors_run_id") and meta["factors_run_id"] != factors_run:
-        log.warning("model %s learnt factors run %s but track_factors is run %s: audio rows are "
-                    "in an older ALS space until the model is retrained", model_id,
-                    meta["factors_run_id"], factors_run)
     return {
         "serving_rows": committed.rows,
         "serving_by_source": by_source,
-        "serving_low_usage_fallback": fallback.count(),
+        "serving_low_usage_fallback": fallback.count() if not blend_info or blend_info["mode"] != "blend" else None,
+        "serving_blend": blend_info or {"mode": "threshold"},
         "unserved_tracks": unserved,
         "audio_scale": None if scale is None else round(scale, 4),
-        "model_factors_run": meta.get("factors_run_id"),
-        "current_factors_run": factors_run,
     }

@@ -28,6 +28,7 @@ from deepcuts.audio import decode as audio
 from deepcuts.audio import catalogue
 from deepcuts.audio.decode import MelParams, RejectedAudio
 from deepcuts.core.config import Config, ConfigError
+from deepcuts.core.errors import InputMissing
 from deepcuts.core.lake import Lake
 from deepcuts.core.spark import python_worker_setup
 from deepcuts.core.storage import delete_tree, filesystem_for
@@ -245,6 +246,11 @@ def run(ctx) -> dict:
     n_todo = status_counts.get("new", 0) + status_counts.get("changed", 0)
     missing = plan.filter(F.col("status") == "missing")
     n_missing = status_counts.pop("missing", 0)
+    if not sum(status_counts.values()) and not catalogue_rejects.take(1):
+        plan.unpersist()
+        listing.unpersist()
+        raise InputMissing(f"ingest.source {cfg.ingest.source} lists no audio files "
+                           f"({cfg.ingest.extensions}); nothing was published")
 
     partitions = cfg.ingest.partitions or 4 * spark.sparkContext.defaultParallelism
     cpu_acc, audio_acc = spark.sparkContext.accumulator(0.0), spark.sparkContext.accumulator(0.0)

@@ -5,7 +5,10 @@ Outputs
                             over unit-normalised ``serving_factors`` (usage factors where usage
                             suffices, audio predictions otherwise), the track itself excluded,
                             equal scores ordered by neighbour id (a rerun writes the same table).
-  ``sounds_like``           the same over ``predicted_factors`` alone: pure audio content.
+  ``sounds_like``           the same over ``predicted_factors`` alone: pure audio content; or
+                            over a labels model's ``audio_embeddings`` (``neighbours.content``;
+                            content-only mode: no plays, so no serving_factors, and
+                            similar_tracks / user_recommendations are skipped with a reason).
   ``user_recommendations``  for every user in ``user_factors``, the ``neighbours.top_n`` tracks
                             by raw x_u . y_i among the tracks the user never played (plays are
                             the factors stage's input, ``factors.plays``): list ``all`` (every
@@ -44,10 +47,12 @@ import logging
 import posixpath
 import time
 
+from deepcuts.core.errors import InputMissing
 from deepcuts.core.tables import (MELS, NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS, PREDICTED_FACTORS,
                                   SERVING_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_FACTORS,
                                   USER_RECOMMENDATIONS)
 from deepcuts.knn import persist, sharded
+from deepcuts.stages.content import sounds_like_source
 from deepcuts.knn.recall import check_recall, sample_fraction
 from deepcuts.knn.search import IndexSpec
 from deepcuts.knn.shards import plan_from_conf
@@ -67,7 +72,7 @@ ZERO_VECTOR = "zero_vector"             # no direction: cosine is undefined
 REASONS = (NULL_VECTOR, BAD_DIMENSION, NON_FINITE, ZERO_VECTOR)
 
 
-class NoVectors(RuntimeError):
+class NoVectors(InputMissing):
     """The stage has nothing to search: serving_factors is empty."""
 
 
@@ -229,27 +234,34 @@ def run(ctx) -> dict:
         serving_raw = ctx.read(SERVING_FACTORS).select(
             F.col("track_id").alias("id"), F.col("factors").alias("vector"), "source", "model_id")
         dim = common_dimension(serving_raw)
-        if dim is None:
-            raise NoVectors("serving_factors is empty: run the infer stage first")
-        model_id = serving_model_id(serving_raw)
-        serving, bad = checked_vectors(serving_raw, dim, SIMILAR_TRACKS.name, needs_direction=True)
-        rejects.append(bad)
-        serving = serving.select("id", "vector", "source").persist(StorageLevel.MEMORY_AND_DISK)
-        persisted.append(serving)
-        n_tracks = serving.count()
+        model_id = serving_model_id(serving_raw) if dim is not None else None
         labels = ctx.read(MELS).select(F.col("track_id").alias("id"), "labels")
-        results.append(neighbour_table(
-            spark, cfg, name=SIMILAR_TRACKS.name, items=serving.join(labels, "id", "left"), queries=None,
-            n_items=n_tracks, n_queries=n_tracks, k=nc.k, normalise=True, exclude_self=True,
-            index_folder=persist.index_dir(root, run_id, SIMILAR_TRACKS.name), work=work,
-            payload=("labels",), meta={"model_id": model_id, "vectors": SERVING_FACTORS.name, "dim": dim}))
+        # Content-only mode (no plays, a labels model): no serving space, sounds_like alone.
+        content_vectors, content_model, content_table = (sounds_like_source(ctx, nc.content, model_id)
+                                                          if nc.sounds_like else (None, None, None))
+        if nc.sounds_like:
+            summary["sounds_like_vectors"] = f"{content_table} (model {content_model})"
+        n_tracks = 0
+        if dim is None and not (nc.sounds_like and common_dimension(content_vectors) is not None):
+            raise NoVectors("serving_factors is empty and there are no content vectors: run the infer stage first")
+        if dim is None:
+            summary[SIMILAR_TRACKS.name] = "skipped: serving_factors is empty (content-only mode: no plays)"
+        else:
+            serving, bad = checked_vectors(serving_raw, dim, SIMILAR_TRACKS.name, needs_direction=True)
+            rejects.append(bad)
+            serving = serving.select("id", "vector", "source").persist(StorageLevel.MEMORY_AND_DISK)
+            persisted.append(serving)
+            n_tracks = serving.count()
+            results.append(neighbour_table(
+                spark, cfg, name=SIMILAR_TRACKS.name, items=serving.join(labels, "id", "left"), queries=None,
+                n_items=n_tracks, n_queries=n_tracks, k=nc.k, normalise=True, exclude_self=True,
+                index_folder=persist.index_dir(root, run_id, SIMILAR_TRACKS.name), work=work,
+                payload=("labels",), meta={"model_id": model_id, "vectors": SERVING_FACTORS.name, "dim": dim}))
 
         if nc.sounds_like:
-            predicted = ctx.read(PREDICTED_FACTORS)
-            if model_id is not None:   # the model this run's serving rows came from
-                predicted = predicted.where(F.col("model_id") == model_id)
-            predicted = predicted.select(F.col("track_id").alias("id"), F.col("factors").alias("vector"),
-                                         F.lit(SOURCE_AUDIO).alias("source"))
+            # predicted_factors of the serving model, or a labels model's audio_embeddings
+            # (neighbours.content; deepcuts.stages.content)
+            predicted = content_vectors
             pdim = common_dimension(predicted)
             if pdim is not None:
                 audio, bad = checked_vectors(predicted, pdim, SOUNDS_LIKE.name, needs_direction=True)
@@ -262,11 +274,13 @@ def run(ctx) -> dict:
                     n_items=n_audio, n_queries=n_audio, k=nc.k, normalise=True, exclude_self=True,
                     index_folder=persist.index_dir(root, run_id, SOUNDS_LIKE.name), work=work,
                     payload=("labels",),
-                    meta={"model_id": model_id, "vectors": PREDICTED_FACTORS.name, "dim": pdim}))
+                    meta={"model_id": content_model, "vectors": content_table, "dim": pdim}))
             else:
-                summary[SOUNDS_LIKE.name] = "skipped: predicted_factors is empty"
+                summary[SOUNDS_LIKE.name] = f"skipped: {content_table} is empty"
 
-        if nc.recommendations:
+        if nc.recommendations and dim is None:
+            summary[USER_RECOMMENDATIONS.name] = "skipped: serving_factors is empty (content-only mode: no plays)"
+        elif nc.recommendations:
             users_raw = ctx.read(USER_FACTORS).select(F.col("user_id").alias("id"),
                                                       F.col("factors").alias("vector"),
                                                       F.lit(USER_SOURCE).alias("source"))
@@ -293,7 +307,7 @@ def run(ctx) -> dict:
 
         metrics = []
         writers = {SIMILAR_TRACKS.name: (SIMILAR_TRACKS, lambda m: neighbours_rows(m, model_id, run_id)),
-                   SOUNDS_LIKE.name: (SOUNDS_LIKE, lambda m: neighbours_rows(m, model_id, run_id)),
+                   SOUNDS_LIKE.name: (SOUNDS_LIKE, lambda m: neighbours_rows(m, content_model, run_id)),
                    USER_RECOMMENDATIONS.name: (USER_RECOMMENDATIONS, lambda m: recommendation_rows(m, run_id))}
         for r in results:
             table, rows = writers[r["name"]]
