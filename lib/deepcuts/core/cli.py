@@ -212,7 +212,9 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
                     continue
                 code = stage_code
                 break
-            stage_gates = failed_gates(stage, summary, cfg.nightly.max_reject_rate)
+            # The summary-level gates (reject rate, promotion) are the nightly job's: a stage run
+            # by hand reports its rejects and exits 0.
+            stage_gates = failed_gates(stage, summary, cfg.nightly.max_reject_rate) if job == "nightly" else []
             gates += stage_gates
             outcomes[stage] = {"status": ("skipped" if isinstance(summary.get("skipped"), str)
                                           else "gate failed" if stage_gates else "ok"),
