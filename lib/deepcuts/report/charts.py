@@ -48,6 +48,19 @@ def _tick_label(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _svg_open(css_class: str, title: str, width: int, height: int, title_x: float) -> list[str]:
+    """The opening of a chart: the <svg> element with its accessible title, and the visible title."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" class="{css_class}" role="img" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}"><title>{escape(title)}</title>',
+            f'<text x="{title_x}" y="18" text-anchor="middle" class="ctitle">{escape(title)}</text>']
+
+
+def _svg_empty(out: list[str], width: int, height: int, text: str) -> str:
+    """A chart with nothing to draw: its opening and one centred line."""
+    out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">{text}</text></svg>')
+    return "".join(out)
+
+
 def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float | None]]], *,
                title: str, x_label: str, y_label: str, width: int = 640, height: int = 320,
                marker_x: float | None = None, marker_label: str = "") -> str:
@@ -56,12 +69,9 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float | Non
     left, right, top, bottom = 64, 16, 34, 46
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys)
            if y is not None and math.isfinite(y)]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}"><title>{escape(title)}</title>',
-           f'<text x="{width / 2}" y="18" text-anchor="middle" class="ctitle">{escape(title)}</text>']
+    out = _svg_open("chart", title, width, height, width / 2)
     if not pts:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
-        return "".join(out)
+        return _svg_empty(out, width, height, "no data")
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     if x1 == x0:
@@ -121,12 +131,9 @@ def scatter_map(xy: Sequence[tuple[float, float]], groups: Sequence[str], filled
                 height: int = 560) -> str:
     """A 2-D map: one dot per point, colour by group (``""`` = no group: grey), filled or hollow
     (e.g. usage vs audio-served vectors), with a hover title per dot and a legend."""
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart map" role="img" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}"><title>{escape(title)}</title>',
-           f'<text x="{(width - 170) / 2}" y="18" text-anchor="middle" class="ctitle">{escape(title)}</text>']
+    out = _svg_open("chart map", title, width, height, (width - 170) / 2)
     if not xy:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no tracks</text></svg>')
-        return "".join(out)
+        return _svg_empty(out, width, height, "no tracks")
     legend_w, margin, top = 170, 14, 30
     pw, ph = width - legend_w - 2 * margin, height - top - margin
     xs, ys = [p[0] for p in xy], [p[1] for p in xy]
