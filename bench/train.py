@@ -14,7 +14,12 @@ With ``--processes 1,2`` it measures the train stage's epoch loop itself (``trai
 one Petastorm shard per rank): crops/s over all ranks, per process, and the scaling
 efficiency rate(N) / (N x rate(1)), the single-process run being the anchor.
 
-    .venv/bin/python bench/train.py --processes 1,2 --tracks 256 --seconds 10 --epochs 3 --small-model
+    .venv/bin/python bench/train.py --processes 1,2 --threads 1 --tracks 256 --seconds 10 --epochs 3 --small-model
+
+(--threads 1: every process runs one torch thread, so 2 processes use the 2 cores one process
+does not; a single process on all cores is measured beside it.  Without it, the single process
+runs the machine's cores' threads and the ranks one each, which on a loaded 2-core machine
+measured OpenMP contention, not scaling: 2.96 "efficiency".)
 """
 from __future__ import annotations
 
@@ -197,7 +202,7 @@ def bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder):
     from pyspark.sql import SparkSession
     from deepcuts.core.lake import Lake
     from deepcuts.nn.trainset import TrainingSet
-    from deepcuts.stages.train import train_model
+    from deepcuts.stages.train import cpu_threads, train_model
     spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     val_rows = sum(pq.ParquetFile(x).metadata.num_rows for x in val_paths)
@@ -205,32 +210,44 @@ def bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder):
                      validation_files=val_paths, target="factors", out_dim=args.rank, n_mels=n_mels,
                      crop_frames=crop_frames, source_run_id="bench", label_names=[], fingerprint="bench",
                      summary={})
+    # (processes, torch threads per process): the anchor is 1 process at the ranks' own thread
+    # count (strong scaling: rate(N) / (N x rate(1))); with --threads, 1 process on all the
+    # cores too (what the same machine gives without ranks).
+    counts = [int(x) for x in args.processes.split(",")]
+    runs = [(n, args.threads) for n in counts]
+    if args.threads and 1 in counts and args.threads < (os.cpu_count() or 1):
+        runs.insert(counts.index(1) + 1, (1, 0))
     rates = {}
     try:
-        for n in [int(x) for x in args.processes.split(",")]:
+        for n, threads in runs:
             run_cfg = cfg.replace(**{"train.processes": n, "train.epochs": args.epochs, "train.patience": 100,
                                      "train.resume": False, "train.batch_size": args.batch_size,
-                                     "train.loader_workers": args.workers,
+                                     "train.loader_workers": args.workers, "train.cpu_threads": threads,
                                      "train.shuffle_buffer_rows": args.shuffle_buffer})
             started = time.perf_counter()
-            result = train_model(run_cfg, ts, Lake(os.path.join(folder, f"wh-{n}")), f"train-bench-{n}",
-                                 echo=lambda line: None)
+            result = train_model(run_cfg, ts, Lake(os.path.join(folder, f"wh-{n}-{threads}")),
+                                 f"train-bench-{n}-{threads}", echo=lambda line: None)
             wall = time.perf_counter() - started
             steady = [r["crops_per_s"] for r in result.history[1:]] or [result.history[0]["crops_per_s"]]
-            rates[n] = float(np.median(steady))
+            rates[n, threads] = float(np.median(steady))
             rows = result.history[-1]["train_rows"]
-            print(f"processes {n}: {rates[n]:.1f} crops/s over all ranks, {rates[n] / n:.1f} per process "
-                  f"(epochs {[round(r['crops_per_s']) for r in result.history]}; {rows} of {args.tracks} rows "
-                  f"per epoch); wall {wall:.1f} s incl. start-up; best validation loss "
-                  f"{result.best_validation_loss:.4f}", flush=True)
+            per = cpu_threads(threads, n)
+            print(f"processes {n} x {per} torch thread(s): {rates[n, threads]:.1f} crops/s over all ranks, "
+                  f"{rates[n, threads] / n:.1f} per process (epochs {[round(r['crops_per_s']) for r in result.history]}; "
+                  f"{rows} of {args.tracks} rows per epoch); wall {wall:.1f} s incl. start-up; best validation "
+                  f"loss {result.best_validation_loss:.4f}", flush=True)
     finally:
         spark.stop()
-    if 1 in rates:
-        for n, rate in rates.items():
-            if n > 1:
-                print(f"PROCESSES {n}: {rate:.1f} crops/s ({rate / n:.1f} per process) vs 1 process {rates[1]:.1f} "
-                      f"-> scaling efficiency {rate / (n * rates[1]):.2f} (speed-up {rate / rates[1]:.2f}x; "
-                      f"{os.cpu_count()} cores here, shared by the ranks)")
+    anchor = rates.get((1, args.threads))
+    for (n, threads), rate in rates.items():
+        if n > 1 and anchor:
+            per = cpu_threads(threads, n)
+            print(f"PROCESSES {n} x {per} thread(s): {rate:.1f} crops/s ({rate / n:.1f} per process) vs 1 process x "
+                  f"{cpu_threads(args.threads, 1)} thread(s) {anchor:.1f} -> scaling efficiency "
+                  f"{rate / (n * anchor):.2f} (speed-up {rate / anchor:.2f}x)"
+                  + (f"; vs 1 process on all {os.cpu_count()} cores {rates[1, 0]:.1f}: {rate / rates[1, 0]:.2f}x"
+                     if (1, 0) in rates and args.threads else "")
+                  + f" ({os.cpu_count()} cores here)")
     if not torch.cuda.is_available():
         print("PROCESSES: no CUDA device visible to torch here (CPU ranks, gloo)")
 
@@ -250,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--small-model", action="store_true", help="conv 64 / dense 256 instead of conf's sizes")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--processes", default="", help="e.g. 1,2: the train loop on that many processes instead")
+    p.add_argument("--threads", type=int, default=0,
+                   help="--processes: torch threads per process (0 = the cores / the processes); with 1, the "
+                        "anchor is one process on one thread, the fair strong-scaling comparison")
     p.add_argument("--validation-tracks", type=int, default=32, help="--processes: validation examples")
     args = p.parse_args(argv)
 

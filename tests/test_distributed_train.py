@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import copy_chain, run_stage
-from deepcuts.core.lake import lake, read_table
+from deepcuts.core.lake import lake, read_pandas, read_table
 from deepcuts.core.tables import TRAIN_METRICS
 from deepcuts.nn.loader import epoch_plan, row_group_rows, shard_rows
 from deepcuts.nn.model import load_artifact, model_dir
@@ -22,6 +22,10 @@ PROCESSES = 2
 # Two tiny trainings on 2 cores differ by seed-level noise: the chain's single-process best
 # validation loss and the two-process one (same epochs) must agree within this (relative).
 LOSS_TOLERANCE = 0.2
+# ... and their cold-start AUCs within this (absolute).  Measured on the small demo's cold
+# split: one process 0.717 / 0.674 / 0.706 (train.seed 0 / 1 / 2), two processes at the same
+# global batch 0.678 / 0.679 (seed 0 / 1); random 0.542.
+AUC_TOLERANCE = 0.08
 
 
 def test_epoch_plan_gives_every_rank_the_same_batches():
@@ -52,10 +56,17 @@ def _two_process(chain, **extra):
     return chain.cfg.replace(**{"train.processes": PROCESSES, "train.distributed_timeout_s": 120, **extra})
 
 
+def _same_global_batch(chain) -> dict:
+    # The chain's batch split over the ranks, at the chain's rate: the same optimiser steps per
+    # epoch as one process, so "the same epochs" is the same training, up to data order.  (At
+    # 16 per rank, 58 tracks give half the steps: measured cold AUC 0.626 against 0.717.)
+    return {"train.batch_size": chain.cfg.train.batch_size // PROCESSES, "train.lr_scaling": "none"}
+
+
 def test_two_processes_train_on_disjoint_shards_to_a_model_like_one_process(spark, demo_chain, tmp_path):
     chain = copy_chain(demo_chain, tmp_path)
     # the copy holds the chain's finished checkpoint, which any N would resume: start afresh
-    cfg = _two_process(chain, **{"train.resume": False})
+    cfg = _two_process(chain, **{"train.resume": False, **_same_global_batch(chain)})
     summary = run_stage(spark, cfg, "train")
     assert summary["resumed_after_epoch"] is None and summary["epochs_run"] >= 2
     lk = lake(cfg)
@@ -83,6 +94,19 @@ def test_two_processes_train_on_disjoint_shards_to_a_model_like_one_process(spar
     assert artifact.meta["validation"]["best_epoch"] == summary["best_epoch"]
     single = demo_chain.summaries["train"]["best_validation_loss"]
     assert abs(summary["best_validation_loss"] - single) <= LOSS_TOLERANCE * single, (summary, single)
+
+    # ... and its cold-start AUC that of the single-process model (the chain's), on the same
+    # users and candidates (the evaluate stage's cold split, scored on the fly for this model).
+    scored = run_stage(spark, cfg.replace(**{"evaluate.model": summary["model_id"], "evaluate.splits": ["cold"],
+                                             "evaluate.predictors": ["random", "cnn"]}), "evaluate")
+    results = read_pandas(lk, "evaluation_results")
+    cold = results[(results["split"] == "cold") & results["metric"].isna()]
+    two = cold[cold["run_id"] == scored["run_id"]].set_index("predictor")["auc"]
+    one = cold[cold["run_id"] == demo_chain.summaries["evaluate"]["run_id"]].set_index("predictor")["auc"]
+    print(f"\ncold AUC: 2 processes {two['cnn']:.4f}, 1 process {one['cnn']:.4f}, random {two['random']:.4f}")
+    assert two["random"] == pytest.approx(one["random"], abs=1e-12)          # the same population
+    assert two["cnn"] > two["random"] + 0.1                                  # it learnt the styles
+    assert abs(two["cnn"] - one["cnn"]) <= AUC_TOLERANCE, (two, one)
 
 
 def test_a_killed_rank_fails_the_stage_in_bounded_time_and_the_rerun_resumes(spark, demo_chain, tmp_path):

@@ -50,6 +50,12 @@ def test_a_refit_is_rotated_onto_the_last_fit_and_the_old_model_still_serves(spa
     run_stage(spark, refit_cfg.replace(**{"factors.align": False}), "factors")
     with pytest.raises(GateFailed, match=f"model {model_id} learnt ALS factors run"):
         run_stage(spark, refit_cfg, "infer")
+    # The manifest row says it was a gate, so the report lists it with the run's failed gates.
+    from deepcuts.report.model import run_gates
+    refused = read_pandas(lk, "runs").sort_values("ended_at").iloc[-1].to_dict()
+    assert refused["stage"] == "infer" and refused["status"] == "failed"
+    assert run_gates([refused], 0.05, nightly=False) == [f"infer: {refused['error'].split(': ', 1)[1]}"]
+    assert f"model {model_id} learnt ALS factors run" in run_gates([refused], 0.05, nightly=False)[0]
     # ... and the train stage's policy knows it is due.
     from deepcuts.cf.align import current_lineage, model_space
     from conftest import stage_context

@@ -121,6 +121,28 @@ def test_render_escapes_warehouse_text_and_says_when_audio_is_missing():
     assert "evaluate stage has not run" in empty and "neighbours stage has not run" in empty
 
 
+def test_the_gates_the_cli_counted_are_in_the_report():
+    # the same rules as the CLI's exit 4: a stage that raised a gate, and (nightly only) the
+    # summary gates: the reject rate over nightly.max_reject_rate, a model kept, not promoted
+    rows = [{"stage": "ingest", "status": "succeeded",
+             "summary_json": json.dumps({"ingested": 90, "rejected": {"undecodable": 10}})},
+            {"stage": "train", "status": "succeeded",
+             "summary_json": json.dumps({"gate_failed": "model m2 not promoted (worse than m1)"})},
+            {"stage": "neighbours", "status": "failed", "summary_json": None,
+             "error": "quality gate failed: RecallTooLow: recall@10 0.80 under neighbours.min_recall 0.95"},
+            {"stage": "infer", "status": "failed", "summary_json": None, "error": "stage failed: ValueError: a bug"}]
+    gates = M.run_gates(rows, 0.05, nightly=True)
+    assert len(gates) == 3
+    assert gates[0].startswith("ingest: rejected 10 of 100 input items (10.0 %)")
+    assert gates[1] == "train: model m2 not promoted (worse than m1)"
+    assert gates[2] == "neighbours: RecallTooLow: recall@10 0.80 under neighbours.min_recall 0.95"
+    assert M.run_gates(rows, 0.2, nightly=True) == gates[1:]
+    assert M.run_gates(rows, 0.05, nightly=False) == gates[2:]      # a hand-run pipeline: no summary gates
+    page = html.render(_report(gates_failed=gates))
+    assert "rejected 10 of 100" in page and "exits 4" in page
+    assert "all passed" in html.render(_report())
+
+
 def test_excerpts_decode_real_files_and_say_why_one_is_gone(tmp_path):
     from conftest import make_config
     from deepcuts.stages.report import Excerpts

@@ -19,6 +19,7 @@ import traceback
 from typing import Sequence
 
 from deepcuts.core.config import ConfigError, load_config
+from deepcuts.core.errors import GATE_OUTCOME
 from deepcuts.core.registry import NIGHTLY, STAGES
 
 log = logging.getLogger("deepcuts")
@@ -102,7 +103,9 @@ def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None, skip_un
             summary = stage.function_ref()(ctx)
             ctx.maintain()
     except BaseException as exc:
-        ctx.record(FAILED, started, None, error=f"{type(exc).__name__}: {exc}"[:2000])
+        # The row says which outcome it was (the exit code's words), then the exception.
+        ctx.record(FAILED, started, None,
+                   error=f"{OUTCOME_WORDS[exit_code_of(exc)]}: {type(exc).__name__}: {exc}"[:2000])
         raise
     ctx.rejects = rejects_of(summary)
     summary = {"run_id": ctx.run_id, **summary,
@@ -127,7 +130,7 @@ def exit_code_of(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
-OUTCOME_WORDS = {EXIT_CONFIG: "configuration error", EXIT_INPUT: "input missing", EXIT_GATE: "quality gate failed",
+OUTCOME_WORDS = {EXIT_CONFIG: "configuration error", EXIT_INPUT: "input missing", EXIT_GATE: GATE_OUTCOME,
                  EXIT_FAILED: "stage failed"}
 
 

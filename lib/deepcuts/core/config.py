@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from deepcuts.core.faults import POINTS as FAULT_POINTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONF_FILE = PROJECT_ROOT / "conf" / "deepcuts.toml"
@@ -154,6 +155,7 @@ class TrainConf:
     # Training on several processes / GPUs (TorchDistributor; stages/train.py)
     processes: int = rule(min=1, doc="training processes (GPUs); 1 = in-process, >1 = TorchDistributor + DDP")
     local_mode: bool = rule(doc="processes > 1: torchrun on the driver (true) or barrier tasks on executors")
+    cpu_threads: int = rule(min=0, doc="torch CPU threads per training process; 0 = the cores / processes on the machine")
     lr_scaling: str = rule(choices=("auto", "linear", "sqrt", "none"),
                            doc="learning rate x N (linear) or x sqrt(N) with the global batch; auto: sqrt for adam(w)")
     distributed_timeout_s: int = rule(min=1, doc="torch.distributed timeout: a rank silent this long fails the run")
@@ -249,6 +251,13 @@ class NightlyConf:
 
 
 @dataclass(frozen=True)
+class FaultsConf:
+    fail_once: list[str] = rule(choices=FAULT_POINTS,
+                                doc="tests only: these task bodies fail their first attempt once (core/faults.py)")
+    state_dir: str = rule(doc="where fail_once marks a point as failed; a folder every executor sees")
+
+
+@dataclass(frozen=True)
 class Config:
     warehouse: WarehouseConf
     spark: SparkConf
@@ -262,6 +271,7 @@ class Config:
     evaluate: EvaluateConf
     nightly: NightlyConf
     report: ReportConf
+    faults: FaultsConf
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides, validated like the file."""
@@ -355,6 +365,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("demo.min_seconds must be <= demo.max_seconds")
     if len(cfg.train.pool_sizes) != len(cfg.train.conv_channels):
         raise ConfigError("train.pool_sizes needs one entry per train.conv_channels entry")
+    if cfg.faults.fail_once and not cfg.faults.state_dir:
+        raise ConfigError("faults.fail_once needs faults.state_dir (a folder every executor sees)")
     too_deep = [k for k in cfg.evaluate.label_accuracy_at if k > cfg.infer.top_labels]
     if too_deep:
         raise ConfigError(f"evaluate.label_accuracy_at has {too_deep[0]}: must be <= infer.top_labels "

@@ -12,3 +12,8 @@ class InputMissing(FileNotFoundError):
 
 class GateFailed(RuntimeError):
     """A quality gate failed (exit 4): the run finished what it safely could, and says which gate."""
+
+
+# How a failed stage's manifest row (``runs.error``) begins when a gate stopped it: the report
+# counts these rows as failed gates, as the CLI's exit code 4 does.
+GATE_OUTCOME = "quality gate failed"

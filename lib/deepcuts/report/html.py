@@ -140,6 +140,12 @@ def _operations(data: ReportData) -> str:
         out.append("<h3>Counts</h3><table class='counts'>" + "".join(
             f"<tr><th>{escape(k)}</th><td class='num'>{_num(v)}</td></tr>" for k, v in data.counts.items())
             + "</table>")
+    out.append("<h3>Quality gates</h3>")
+    if data.gates_failed:
+        out.append("<ul class='gates down'>" + "".join(f"<li>{escape(g)}</li>" for g in data.gates_failed)
+                   + "</ul><p class='meta'>The nightly job exits 4 for these.</p>")
+    else:
+        out.append("<p class='up'>all passed</p>")
     out.append("<h3>Rejects by reason</h3>")
     rows = [(t, r, n) for t, reasons in data.rejects.items() for r, n in sorted(reasons.items())]
     if rows:

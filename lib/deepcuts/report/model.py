@@ -101,6 +101,22 @@ def stage_runs(rows: Sequence[Mapping[str, Any]], exclude: str, pipeline_run_id:
     return sorted(chosen, key=lambda r: r["started_at"])
 
 
+def run_gates(rows: Sequence[Mapping[str, Any]], max_reject_rate: float, nightly: bool) -> list[str]:
+    """The quality gates this run's stages failed, one line each, as the CLI counted them for
+    its exit code 4: a stage that raised a gate (``GateFailed``: recall under its floor, a model
+    of another space) and, in the nightly job, the summary gates (reject rate, promotion)."""
+    from deepcuts.core.errors import GATE_OUTCOME
+    from deepcuts.core.gates import failed_gates
+    out = []
+    for r in rows:
+        error = r.get("error") or ""
+        if r.get("status") == "failed" and error.startswith(GATE_OUTCOME + ": "):
+            out.append(f"{r['stage']}: {error[len(GATE_OUTCOME) + 2:]}")
+        elif nightly and r.get("summary_json"):
+            out += failed_gates(r["stage"], json.loads(r["summary_json"]), max_reject_rate)
+    return out
+
+
 def model_epochs(rows: Sequence[Mapping[str, Any]], model_id: str | None) -> tuple[str | None, list[dict]]:
     """(model id, its train_metrics rows by epoch): ``model_id``'s, else the newest run's."""
     if model_id is None and rows:
@@ -294,4 +310,5 @@ class ReportData:
     rejects: dict[str, dict[str, int]] = field(default_factory=dict)   # table -> reason -> rows
     stages: list[StageLine] = field(default_factory=list)
     tables_read: dict[str, int] = field(default_factory=dict)          # what the report read
+    gates_failed: list[str] = field(default_factory=list)              # run_gates
     notes: list[str] = field(default_factory=list)

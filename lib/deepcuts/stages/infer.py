@@ -64,6 +64,7 @@ import pyarrow as pa
 from deepcuts.audio.decode import mel_view
 from deepcuts.cf.align import OTHER_SPACE, current_lineage, model_space
 from deepcuts.core.config import Config
+from deepcuts.core.faults import fail_once
 from deepcuts.core.tables import (FACTOR_ALIGNMENTS, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS,
                                   TRACK_FACTORS)
 
@@ -368,7 +369,8 @@ def score_stored_mels(file_uri: str, rows: list[int], track_ids: list[str], arti
 # Scoring in the executors
 # --------------------------------------------------------------------------------------
 def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, batch_size: int,
-            precision: str, gpu_batch_size: int | None = None, gpu_precision: str | None = None):
+            precision: str, gpu_batch_size: int | None = None, gpu_precision: str | None = None,
+            faults=((), "")):
     def score_partition(units: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
         from deepcuts.core.spark import python_worker_setup
@@ -383,6 +385,8 @@ def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, ba
                 yield from score_stored_mels(file_uri, [int(r["mel_row"]) for r in rows],
                                              [r["track_id"] for r in rows], artifact, scoring,
                                              window_seconds, scoring_batch)
+        # Tests only (faults.fail_once): fail after the rows were handed on.
+        fail_once("infer.score", *faults)
     return score_partition
 
 
@@ -413,7 +417,8 @@ def predict_vectors(spark, locations, artifact_path: str, cfg: Config):
     parallelism = spark.sparkContext.defaultParallelism
     units = units.repartition(max(1, min(n_units, 4 * parallelism)))
     score = _scorer(key, artifact_path, cfg.infer.scoring, cfg.infer.window_seconds,
-                    cfg.infer.batch_size, cfg.infer.precision, cfg.infer.gpu_batch_size, cfg.infer.gpu_precision)
+                    cfg.infer.batch_size, cfg.infer.precision, cfg.infer.gpu_batch_size, cfg.infer.gpu_precision,
+                    (list(cfg.faults.fail_once), cfg.faults.state_dir))
     return units.select("mel_file", "rows").mapInPandas(score, from_arrow_schema(SCORED_SCHEMA))
 
 

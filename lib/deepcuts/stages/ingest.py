@@ -29,6 +29,7 @@ from deepcuts.audio import catalogue
 from deepcuts.audio.decode import MelParams, RejectedAudio
 from deepcuts.core.config import Config, ConfigError
 from deepcuts.core.errors import InputMissing
+from deepcuts.core.faults import fail_once
 from deepcuts.core.lake import Lake
 from deepcuts.core.spark import python_worker_setup
 from deepcuts.core.storage import delete_tree, filesystem_for
@@ -93,11 +94,12 @@ def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, 
 
 
 def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
-                     cpu_seconds=None, excerpt_seconds=None) -> Iterator[pd.DataFrame]:
+                     cpu_seconds=None, excerpt_seconds=None, faults=((), "")) -> Iterator[pd.DataFrame]:
     """mapInPandas body: listing rows in, decoded (or rejected) rows out, batch by batch.
 
     ``cpu_seconds``/``excerpt_seconds`` (Spark accumulators) let the job report its
-    decode speed as a real-time factor per core."""
+    decode speed as a real-time factor per core.  ``faults``: (``faults.fail_once``,
+    ``faults.state_dir``), tests only."""
     python_worker_setup()
     columns = DECODED_SCHEMA.names
     with _one_blas_thread():
@@ -110,6 +112,8 @@ def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
                 excerpt_seconds.add(sum(r["n_frames"] * p.hop_length / p.sample_rate for r in rows
                                         if r["reason"] is None))
             yield pd.DataFrame(rows, columns=columns)
+    # Tests only: fail after every row was handed on, so a failed attempt's rows must not count.
+    fail_once("ingest.decode", *faults)
 
 
 def _one_blas_thread():
@@ -254,8 +258,9 @@ def run(ctx) -> dict:
 
     partitions = cfg.ingest.partitions or 4 * spark.sparkContext.defaultParallelism
     cpu_acc, audio_acc = spark.sparkContext.accumulator(0.0), spark.sparkContext.accumulator(0.0)
+    faults = (list(cfg.faults.fail_once), cfg.faults.state_dir)
     decoded = (todo.repartition(max(1, min(partitions, n_todo)), "track_id")
-               .mapInPandas(lambda it: decode_partition(it, params, run_id, cpu_acc, audio_acc),
+               .mapInPandas(lambda it: decode_partition(it, params, run_id, cpu_acc, audio_acc, faults),
                             from_arrow_schema(DECODED_SCHEMA))
                .persist(StorageLevel.DISK_ONLY))   # decode once; both tables read it
     reason_counts = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}

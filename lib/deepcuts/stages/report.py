@@ -287,6 +287,10 @@ def run(ctx) -> dict:
     failed = [s.stage for s in data.stages if s.status != "succeeded"]
     if failed:
         data.notes.append(f"Stages not succeeded: {', '.join(failed)}.")
+    data.gates_failed = M.run_gates(runs, cfg.nightly.max_reject_rate,
+                                    nightly=(ctx.pipeline_run_id or "").startswith("nightly-"))
+    if data.gates_failed:
+        data.notes.append(f"Quality gates failed: {len(data.gates_failed)} (see Operations).")
     data.evaluation = M.evaluation_rows(read.small(EVALUATION_RESULTS))
     data.promotion, data.model_id, data.epochs, data.best_epoch = training_input(ctx, read, runs)
     laps("tables")
@@ -321,6 +325,7 @@ def run(ctx) -> dict:
         "report": path, "report_id": report_id,
         "evaluation_rows": len(data.evaluation),
         "promotion": data.promotion.status if data.promotion else None,
+        "gates_failed": len(data.gates_failed),
         "map_tracks": len(points), "playlists": len(data.playlists),
         "excerpts": len(excerpts.files), "excerpts_unavailable": dict(excerpts.missing),
         "bytes": sum(len(b) for b in files.values()), "reports_removed": len(removed),

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 import sys
 import time
@@ -291,7 +292,14 @@ def train_model(cfg: Config, ts: TrainingSet, lk, run_id: str, device: torch.dev
     if t.processes > 1:
         return _train_distributed(cfg, ts, ckpt_dir, run_id, echo)
     device = device or resolve_device(t.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(t.cpu_threads, 1))
     return _train_loop(cfg, ts, ckpt_dir, run_id, device, echo)
+
+
+def cpu_threads(configured: int, processes_here: int) -> int:
+    """torch's intra-op threads for one of ``processes_here`` training processes on this machine."""
+    return configured or max(1, (os.cpu_count() or 1) // processes_here)
 
 
 class _Ranks:
@@ -340,7 +348,6 @@ class _FaultyReader:
         return getattr(self.reader, name)
 
     def batches(self, epoch: int):
-        import os
         import signal
         for arrays in self.reader.batches(epoch):
             if self.seen == self.kill_at:
@@ -636,7 +643,6 @@ def distributed_rank_main(cfg_dict: dict, ts_dict: dict, ckpt_dir: str, run_id: 
     """One rank (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): plain arguments in, plain dict
     out (every rank returns rank 0's), no SparkSession."""
     import datetime as dt
-    import os
     import warnings
     import torch.distributed as dist
     from deepcuts.core.config import build_config
@@ -655,7 +661,7 @@ def distributed_rank_main(cfg_dict: dict, ts_dict: dict, ckpt_dir: str, run_id: 
     else:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads, local_world))
     dist.init_process_group("nccl" if use_gpu else "gloo",
                             timeout=dt.timedelta(seconds=cfg.train.distributed_timeout_s))
     try:
