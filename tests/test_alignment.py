@@ -18,7 +18,10 @@ def test_recovers_a_rotation_and_keeps_every_dot_product():
     turn = random_rotation(8, rng)
     new_tracks, new_users = prev_tracks @ turn, users @ turn     # a refit: the same model, turned
     found = align.fit(new_tracks, prev_tracks)
-    assert found.residual < 1e-9
+    # The residual comes from sums (the square root of ‖a‖² + ‖b‖² − 2·Σσ, a difference of
+    # near-equal numbers), so an exact rotation reads as ~sqrt(float64 eps) = 1.5e-8, not 0
+    # (2.1e-8 measured here); the rotation itself is checked to 1e-9 below.
+    assert found.residual < 1e-7
     assert found.unaligned_residual > 0.5                         # the refit really turned
     np.testing.assert_allclose(new_tracks @ found.rotation, prev_tracks, atol=1e-9)
     np.testing.assert_allclose((new_users @ found.rotation) @ (new_tracks @ found.rotation).T,

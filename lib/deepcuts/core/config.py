@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
 from deepcuts.core.faults import POINTS as FAULT_POINTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]

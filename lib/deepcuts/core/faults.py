@@ -19,6 +19,11 @@ class InjectedFault(RuntimeError):
     """The failure ``faults.fail_once`` asked for (tests only)."""
 
 
+def switches(faults_conf) -> tuple[list[str], str]:
+    """(``fail_once``, ``state_dir``) of ``cfg.faults``: plain values a task closure carries."""
+    return list(faults_conf.fail_once), faults_conf.state_dir
+
+
 def fail_once(point: str, points, state_dir: str) -> None:
     """Raise ``InjectedFault`` the first time any task reaches ``point``; no-op unless
     ``point`` is in ``points``."""

@@ -64,7 +64,7 @@ import pyarrow as pa
 from deepcuts.audio.decode import mel_view
 from deepcuts.cf.align import OTHER_SPACE, current_lineage, model_space
 from deepcuts.core.config import Config
-from deepcuts.core.faults import fail_once
+from deepcuts.core.faults import fail_once, switches
 from deepcuts.core.tables import (FACTOR_ALIGNMENTS, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS,
                                   TRACK_FACTORS)
 
@@ -418,7 +418,7 @@ def predict_vectors(spark, locations, artifact_path: str, cfg: Config):
     units = units.repartition(max(1, min(n_units, 4 * parallelism)))
     score = _scorer(key, artifact_path, cfg.infer.scoring, cfg.infer.window_seconds,
                     cfg.infer.batch_size, cfg.infer.precision, cfg.infer.gpu_batch_size, cfg.infer.gpu_precision,
-                    (list(cfg.faults.fail_once), cfg.faults.state_dir))
+                    switches(cfg.faults))
     return units.select("mel_file", "rows").mapInPandas(score, from_arrow_schema(SCORED_SCHEMA))
 
 

@@ -29,7 +29,7 @@ from deepcuts.audio import catalogue
 from deepcuts.audio.decode import MelParams, RejectedAudio
 from deepcuts.core.config import Config, ConfigError
 from deepcuts.core.errors import InputMissing
-from deepcuts.core.faults import fail_once
+from deepcuts.core.faults import fail_once, switches
 from deepcuts.core.lake import Lake
 from deepcuts.core.spark import python_worker_setup
 from deepcuts.core.storage import delete_tree, filesystem_for
@@ -258,7 +258,7 @@ def run(ctx) -> dict:
 
     partitions = cfg.ingest.partitions or 4 * spark.sparkContext.defaultParallelism
     cpu_acc, audio_acc = spark.sparkContext.accumulator(0.0), spark.sparkContext.accumulator(0.0)
-    faults = (list(cfg.faults.fail_once), cfg.faults.state_dir)
+    faults = switches(cfg.faults)
     decoded = (todo.repartition(max(1, min(partitions, n_todo)), "track_id")
                .mapInPandas(lambda it: decode_partition(it, params, run_id, cpu_acc, audio_acc, faults),
                             from_arrow_schema(DECODED_SCHEMA))
