@@ -170,3 +170,16 @@ def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, tar
         direct = model.embed((torch.from_numpy(mels.astype(np.float32)) + 30) / 8).numpy()
     np.testing.assert_allclose(artifact.embed(mels), direct, rtol=1e-5, atol=1e-6)
     assert not np.allclose(shared, artifact.embed(mels), atol=1e-4)
+
+
+def test_a_model_id_that_leaves_the_models_folder_is_refused(tmp_path):
+    # infer.model / evaluate.model / --model and models/LATEST name a folder under models/,
+    # never a path: '../', absolute, nested or hidden ids are a configuration error (exit 2).
+    from deepcuts.core.config import ConfigError
+    from deepcuts.nn.model import model_dir
+    lk = Lake(str(tmp_path / "warehouse"))
+    assert model_dir(lk, "cnn-20261202T144807-6aa7fd11") == str(tmp_path / "warehouse" / "models" /
+                                                                "cnn-20261202T144807-6aa7fd11")
+    for bad in ("../escape", "/etc", "a/b", "..", ".hidden", "", "x\n", "a\\b"):
+        with pytest.raises(ConfigError, match="not a folder name under"):
+            model_dir(lk, bad)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -148,8 +149,19 @@ def _models_path(lk, *parts: str) -> str:
     return lk.path(MODELS_DIR, *parts)
 
 
+# A model id is one folder name under models/: letters, digits, '.', '_' and '-', not starting
+# with '.', so an id from the config (infer.model, evaluate.model, --model) or from a LATEST
+# file can never name a path outside the models folder ('../x', '/abs', 'a/b').
+_MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
 def model_dir(lk, model_id: str) -> str:
-    """``<root>/models/<model_id>`` (a filesystem path, or ``s3://...`` on S3)."""
+    """``<root>/models/<model_id>`` (a filesystem path, or ``s3://...`` on S3); an id that is
+    not one plain folder name is a configuration error (exit 2) naming it."""
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id):
+        from deepcuts.core.config import ConfigError
+        raise ConfigError(f"model id {model_id!r} is not a folder name under {_models_path(lk)} "
+                          "(letters, digits, '.', '_', '-'; no '/' and no leading '.')")
     return _models_path(lk, model_id)
 
 
