@@ -215,8 +215,9 @@ def bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder):
     # cores too (what the same machine gives without ranks).
     counts = [int(x) for x in args.processes.split(",")]
     runs = [(n, args.threads) for n in counts]
-    if args.threads and 1 in counts and args.threads < (os.cpu_count() or 1):
-        runs.insert(counts.index(1) + 1, (1, 0))
+    all_cores = os.cpu_count() or 1
+    if args.threads and 1 in counts and args.threads < all_cores:
+        runs.insert(counts.index(1) + 1, (1, all_cores))
     rates = {}
     try:
         for n, threads in runs:
@@ -245,8 +246,8 @@ def bench_processes(paths, val_paths, args, cfg, n_mels, crop_frames, folder):
             print(f"PROCESSES {n} x {per} thread(s): {rate:.1f} crops/s ({rate / n:.1f} per process) vs 1 process x "
                   f"{cpu_threads(args.threads, 1)} thread(s) {anchor:.1f} -> scaling efficiency "
                   f"{rate / (n * anchor):.2f} (speed-up {rate / anchor:.2f}x)"
-                  + (f"; vs 1 process on all {os.cpu_count()} cores {rates[1, 0]:.1f}: {rate / rates[1, 0]:.2f}x"
-                     if (1, 0) in rates and args.threads else "")
+                  + (f"; vs 1 process on all {all_cores} cores {rates[1, all_cores]:.1f}: "
+                     f"{rate / rates[1, all_cores]:.2f}x" if (1, all_cores) in rates and args.threads else "")
                   + f" ({os.cpu_count()} cores here)")
     if not torch.cuda.is_available():
         print("PROCESSES: no CUDA device visible to torch here (CPU ranks, gloo)")

@@ -120,6 +120,14 @@ def small_config(tmp_path, demo_root) -> Config:
     })
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts: moto, a Spark master)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real HTTP S3 endpoint on loopback (moto's server, in its own process: delta-rs and
@@ -129,9 +137,7 @@ def s3_server():
     import socket
     import subprocess
     import time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
 from deepcuts.core.faults import POINTS as FAULT_POINTS
 from deepcuts.core.lake import Lake, read_pandas
 
@@ -40,12 +40,6 @@ CNN_ATOL = 1e-5
 NEIGHBOUR_OVERLAP = 0.95
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _alive_workers(ui_port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as r:
@@ -62,7 +56,7 @@ def cluster(tmp_path_factory):
     spark_home = os.path.dirname(pyspark.__file__)
     spark_class = os.path.join(spark_home, "bin", "spark-class")
     work = tmp_path_factory.mktemp("cluster")
-    port, ui = _free_port(), _free_port()
+    port, ui = free_port(), free_port()
     env = {**os.environ, "SPARK_HOME": spark_home, "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "work"),
            "SPARK_LOCAL_DIRS": str(work / "local"), "PYSPARK_PYTHON": sys.executable}
@@ -83,7 +77,7 @@ def cluster(tmp_path_factory):
             time.sleep(0.5)
         for i in range(WORKERS):
             start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1",
-                  "--memory", "2g", "--webui-port", str(_free_port()), "--work-dir", str(work / f"work-{i}"),
+                  "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(work / f"work-{i}"),
                   f"spark://127.0.0.1:{port}")
         while _alive_workers(ui) < WORKERS:
             assert time.time() < deadline, (work / "worker-0.log").read_text()[-3000:]

@@ -156,7 +156,7 @@ class TrainConf:
     # Training on several processes / GPUs (TorchDistributor; stages/train.py)
     processes: int = rule(min=1, doc="training processes (GPUs); 1 = in-process, >1 = TorchDistributor + DDP")
     local_mode: bool = rule(doc="processes > 1: torchrun on the driver (true) or barrier tasks on executors")
-    cpu_threads: int = rule(min=0, doc="torch CPU threads per training process; 0 = the cores / processes on the machine")
+    cpu_threads: int = rule(min=0, doc="torch CPU threads per training process; 0 = torch's default (one process), cores / ranks")
     lr_scaling: str = rule(choices=("auto", "linear", "sqrt", "none"),
                            doc="learning rate x N (linear) or x sqrt(N) with the global batch; auto: sqrt for adam(w)")
     distributed_timeout_s: int = rule(min=1, doc="torch.distributed timeout: a rank silent this long fails the run")

@@ -292,14 +292,19 @@ def train_model(cfg: Config, ts: TrainingSet, lk, run_id: str, device: torch.dev
     if t.processes > 1:
         return _train_distributed(cfg, ts, ckpt_dir, run_id, echo)
     device = device or resolve_device(t.device)
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(t.cpu_threads, 1))
+    if device.type == "cpu" and t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)      # else torch's own default (physical cores)
     return _train_loop(cfg, ts, ckpt_dir, run_id, device, echo)
 
 
 def cpu_threads(configured: int, processes_here: int) -> int:
-    """torch's intra-op threads for one of ``processes_here`` training processes on this machine."""
-    return configured or max(1, (os.cpu_count() or 1) // processes_here)
+    """torch's intra-op threads for one of ``processes_here`` training processes on this
+    machine (a rank's share of the cores unless configured; one process: torch's default)."""
+    if configured:
+        return configured
+    if processes_here == 1:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // processes_here)
 
 
 class _Ranks:
