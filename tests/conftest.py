@@ -120,6 +120,15 @@ def small_config(tmp_path, demo_root) -> Config:
     })
 
 
+def cli_args(settings: dict) -> list[str]:
+    """``--set key=value`` for each setting, as an operator would type them (lists as TOML)."""
+    import json
+    args = []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, bool)) else value}"]
+    return args
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for a server a test starts: moto, a Spark master)."""
     import socket

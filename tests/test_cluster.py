@@ -6,8 +6,9 @@ with the same stages run in local mode (the session's demo chain, the same setti
 
 Equal means: the same rows; byte-equal where no training is involved (mels, rejects), vectors
 within float tolerance where a fit is (ALS, the CNN, what is computed from them).  One task
-of ingest's decode and one of infer's scoring fail once on the way (``faults.fail_once``, after
-handing on their rows): Spark's retry must leave the same tables, nothing duplicated."""
+of ingest's decode raises once and one of infer's scoring loses its Python worker once
+(``faults.fail_once`` / ``faults.crash_once``, after handing on their rows): Spark's retry must
+leave the same tables, nothing duplicated."""
 from __future__ import annotations
 
 import json
@@ -21,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
-from deepcuts.core.faults import POINTS as FAULT_POINTS
+from conftest import cli_args, free_port
 from deepcuts.core.lake import Lake, read_pandas
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.spark]
 
 ROOT = Path(__file__).resolve().parents[1]
+# The faults the cluster run injects (kind -> point): a raised exception and a dead Python worker.
+INJECTED = {"fail_once": "ingest.decode", "crash_once": "infer.score"}
 STAGES = ("ingest", "factors", "train", "infer", "neighbours")
 WORKERS = 2
 # Vectors of a fit on the cluster against the local-mode fit.  Measured on the small demo
@@ -99,15 +101,15 @@ def cluster(tmp_path_factory):
 def cluster_run(cluster, demo_chain, tmp_path_factory):
     """The local chain's settings, a fresh warehouse, the stages submitted to the cluster."""
     root = tmp_path_factory.mktemp("cluster-run")
-    # Tasks of ingest's decode and infer's scoring fail once each (after handing on their
-    # rows): Spark's retry must give the local run's tables, with nothing duplicated.
+    # A task of ingest's decode raises, and one of infer's scoring loses its Python worker, once
+    # each (after handing on their rows): Spark's retry must give the local run's tables, with
+    # nothing duplicated.
     settings = {**demo_chain.settings, "warehouse.root": str(root / "warehouse"),
-                "spark.checkpoint_dir": str(root / "checkpoints"),
-                "faults.fail_once": list(FAULT_POINTS), "faults.state_dir": str(root / "faults")}
+                "spark.checkpoint_dir": str(root / "checkpoints"), "faults.state_dir": str(root / "faults"),
+                **{f"faults.{kind}": [point] for kind, point in INJECTED.items()}}
     args = [str(ROOT / "spark-submit.sh"), "pipeline", "--stages", ",".join(STAGES),
             "--summary-json", str(root / "summary.json")]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
+    args += cli_args(settings)
     # The executors are 1 core / 1 GB each: the driver keeps its 4g default here, as on a cluster.
     args += ["--", "--master", cluster["master"], "--executor-memory", "1g", "--total-executor-cores", str(WORKERS)]
     started = time.time()
@@ -146,10 +148,11 @@ def test_the_stages_ran_on_the_cluster_executors(cluster_run, cluster):
 def test_each_injected_task_failure_was_retried(cluster_run, cluster):
     # One attempt failed at each point (its marker) and the executors logged the failure; the
     # run still succeeded, so Spark retried those tasks (the next tests: to the same tables).
-    assert sorted(p.name for p in cluster_run["faults"].iterdir()) == sorted(FAULT_POINTS)
+    assert sorted(p.name for p in cluster_run["faults"].iterdir()) == sorted(f"{k}.{p}" for k, p in INJECTED.items())
     logs = "".join(p.read_text(errors="replace") for p in cluster["work"].glob("work-*/app-*/*/stderr"))
-    for point in FAULT_POINTS:
-        assert f"deepcuts fault injection: {point}" in logs, point
+    assert "deepcuts fault injection: ingest.decode fails this task attempt once" in logs
+    assert "deepcuts fault injection: infer.score exits this Python process" in logs
+    assert "Python worker exited unexpectedly (crashed)" in logs          # what the executor saw
 
 
 def test_mels_and_rejects_equal_the_local_run_byte_for_byte(cluster_run):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from audio_fixtures import write_audio
-from conftest import copy_chain, run_stage
+from conftest import cli_args, copy_chain, run_stage
 from deepcuts.core.errors import GateFailed
 from deepcuts.core.lake import Lake, lake, read_pandas
 from deepcuts.nn.model import latest_model_id
@@ -90,8 +90,7 @@ def test_a_worse_model_is_kept_but_not_served(spark, demo_chain, tmp_path):
 def _nightly(root, settings, *extra, timeout=600):
     summary = root / "summary.json"
     args = [sys.executable, "-m", "deepcuts", "nightly", "--summary-json", str(summary)]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
+    args += cli_args(settings)
     env = {**os.environ, "SPARK_MASTER": "local[2]"}
     done = subprocess.run(args + list(extra), capture_output=True, text=True, env=env, timeout=timeout)
     return done, (json.loads(summary.read_text()) if summary.exists() else None)

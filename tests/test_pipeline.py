@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import copy_chain
+from conftest import cli_args, copy_chain
 from deepcuts.core.lake import Lake, read_pandas
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -22,8 +22,7 @@ def _run_nightly(root, settings, *extra):
     summary_file = root / f"summary-{len(list(root.glob('summary-*.json')))}.json"
     args = [sys.executable, "-m", "deepcuts", "nightly", "--summary-json", str(summary_file),
             "--stages", ",".join(STAGES)]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, list) else value}"]
+    args += cli_args(settings)
     env = {**os.environ, "SPARK_MASTER": "local[2]"}
     done = subprocess.run(args + list(extra), capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

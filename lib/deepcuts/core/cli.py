@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import traceback
 from typing import Sequence
 
-from deepcuts.core.config import ConfigError, load_config
+from deepcuts.core.config import ConfigError, load_config, to_dict
+from deepcuts.core.storage import s3_credentials_missing
 from deepcuts.core.errors import GATE_OUTCOME
 from deepcuts.core.registry import NIGHTLY, STAGES
 
@@ -104,8 +106,9 @@ def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None, skip_un
             ctx.maintain()
     except BaseException as exc:
         # The row says which outcome it was (the exit code's words), then the exception.
-        ctx.record(FAILED, started, None,
-                   error=f"{OUTCOME_WORDS[exit_code_of(exc)]}: {type(exc).__name__}: {exc}"[:2000])
+        detail = str(exc)
+        line = f"{OUTCOME_WORDS[exit_code_of(exc)]}: {one_line(exc)}"
+        ctx.record(FAILED, started, None, error=(line + (f"\n{detail}" if detail not in line else ""))[:2000])
         raise
     ctx.rejects = rejects_of(summary)
     summary = {"run_id": ctx.run_id, **summary,
@@ -134,9 +137,36 @@ OUTCOME_WORDS = {EXIT_CONFIG: "configuration error", EXIT_INPUT: "input missing"
                  EXIT_FAILED: "stage failed"}
 
 
+# "Job aborted due to stage failure: Task 1 in stage 3.0 failed 4 times, most recent failure: Lost
+# task 1.3 in stage 3.0 (TID 9) (10.0.0.5 executor 2): org.apache.spark.SparkException: <cause>"
+_ABORTED = re.compile(r"Job aborted due to stage failure: (Task \S+ in stage \S+ failed \d+ times), most recent "
+                      r"failure: Lost task \S+ in stage \S+ \(TID \d+\) \(.*? executor (\S+)\): (.*)")
+
+_WORKER_CRASHED = re.compile(r"Python worker exited unexpectedly \(crashed\)")
+
+
 def one_line(exc: BaseException) -> str:
+    """The operator's line for a failure.  Spark's errors are unwrapped: a failed task says which
+    task, how often and why (a dead Python worker, the exception a task raised), not "An error
+    occurred while calling o47.save" or the first line of a Java stack."""
     text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    name = type(exc).__name__
+    if name == "PythonException" and lines:            # a task's Python exception: its last line
+        return f"a Spark task raised {lines[-1]}"
+    if name == "Py4JJavaError":
+        aborted = _ABORTED.search(text)
+        if aborted:
+            task, executor, cause = aborted.groups()
+            cause = re.sub(r"^(?:[\w$]+\.)+[\w$]+(?:Exception|Error): ", "", cause.strip())
+            crashed = _WORKER_CRASHED.search(text)   # often wrapped ("Task failed while writing rows")
+            if crashed:
+                cause = f"{crashed.group(0)}: a Python worker died (see that executor's stderr)"
+            return f"Spark job aborted: {task} (last on executor {executor}): {cause}"
+        java = next((line[1:].strip() for line in lines if line.startswith(":")), None)
+        if java:
+            return f"Spark: {java}"
+    return f"{name}: {lines[0] if lines else ''}"
 
 
 def print_run_table(job: str, outcomes: dict, gates: list[str], code: int) -> None:
@@ -182,6 +212,9 @@ def main(job: str, argv: Sequence[str] | None = None) -> int:
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise ConfigError(f"unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
+        unreachable = s3_credentials_missing(to_dict(cfg))
+        if unreachable:
+            raise ConfigError(unreachable)
     except ConfigError as exc:
         print(f"deepcuts {job}: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from deepcuts.core.faults import POINTS as FAULT_POINTS
+from deepcuts.core.faults import KINDS as FAULT_KINDS, POINTS as FAULT_POINTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONF_FILE = PROJECT_ROOT / "conf" / "deepcuts.toml"
@@ -255,7 +255,10 @@ class NightlyConf:
 class FaultsConf:
     fail_once: list[str] = rule(choices=FAULT_POINTS,
                                 doc="tests only: these task bodies fail their first attempt once (core/faults.py)")
-    state_dir: str = rule(doc="where fail_once marks a point as failed; a folder every executor sees")
+    crash_once: list[str] = rule(choices=FAULT_POINTS, doc="tests only: the Python process exits here, once")
+    stall_once: list[str] = rule(choices=FAULT_POINTS, doc="tests only: the process sleeps stall_seconds here, once")
+    stall_seconds: float = rule(min=0.0, doc="how long a stall_once point sleeps")
+    state_dir: str = rule(doc="where the faults mark a point as fired; a folder every executor sees")
 
 
 @dataclass(frozen=True)
@@ -366,8 +369,13 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("demo.min_seconds must be <= demo.max_seconds")
     if len(cfg.train.pool_sizes) != len(cfg.train.conv_channels):
         raise ConfigError("train.pool_sizes needs one entry per train.conv_channels entry")
-    if cfg.faults.fail_once and not cfg.faults.state_dir:
-        raise ConfigError("faults.fail_once needs faults.state_dir (a folder every executor sees)")
+    for key in ("warehouse.root", "ingest.source"):
+        section, name = key.split(".")
+        if not str(getattr(getattr(cfg, section), name)).strip():
+            raise ConfigError(f"{key} is empty: it needs a local path or an s3:// URI")
+    armed = [kind for kind in FAULT_KINDS if getattr(cfg.faults, kind)]
+    if armed and not cfg.faults.state_dir:
+        raise ConfigError(f"faults.{armed[0]} needs faults.state_dir (a folder every executor sees)")
     too_deep = [k for k in cfg.evaluate.label_accuracy_at if k > cfg.infer.top_labels]
     if too_deep:
         raise ConfigError(f"evaluate.label_accuracy_at has {too_deep[0]}: must be <= infer.top_labels "

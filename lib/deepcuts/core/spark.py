@@ -37,6 +37,31 @@ def python_worker_setup() -> None:
     zipimport.zipimporter.invalidate_caches = keep_zip_directory
 
 
+def follow_launcher(poll_seconds: float = 1.0) -> bool:
+    """Under spark-submit the Python driver is a child of the spark-submit JVM; when that JVM is
+    killed (``kill -9``, a lost client machine) nothing tells the Python process, which would go
+    on training or scoring for nothing and write model files no manifest will ever name.  A
+    daemon thread exits this process once its parent is gone.  Returns whether it watches."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ or getattr(follow_launcher, "watching", False):
+        return False
+    import threading
+    import time
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        try:   # stderr was a pipe through that JVM: it may be gone with it
+            print(f"deepcuts: the spark-submit process {parent} is gone; this driver ({os.getpid()}) exits",
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="deepcuts-follow-launcher", daemon=True).start()
+    follow_launcher.watching = True
+    return True
+
+
 def spark_defaults() -> dict[str, str]:
     """conf/spark-defaults.conf as a dict (the one place Spark defaults live)."""
     path = PROJECT_ROOT / "conf" / "spark-defaults.conf"
@@ -86,6 +111,7 @@ def get_session(cfg: Config, app: str | None = None, master: str | None = None):
     conf/spark-defaults.conf and the jars are applied here and the master falls back to
     $SPARK_MASTER, then local[*]."""
     prepare_environment()
+    follow_launcher()
     from pyspark.sql import SparkSession
     builder = SparkSession.builder.appName(app or cfg.spark.app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit

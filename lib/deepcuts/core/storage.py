@@ -37,6 +37,32 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def s3_settings(settings: dict, prefix: str = "") -> list[str]:
+    """The keys (``section.key``) of a nested settings dict whose value is an S3 URI."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += s3_settings(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and is_s3(value):
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def s3_credentials_missing(settings: dict) -> str | None:
+    """Why the configured S3 paths cannot be reached, or None: an ``s3://`` path with no
+    credentials anywhere in the standard AWS chain (environment, shared credentials and config
+    files, container or instance role) would otherwise fail deep inside the first Spark or
+    delta-rs read with a Java stack.  Only whether credentials exist is checked, never logged."""
+    keys = s3_settings(settings)
+    if not keys:
+        return None
+    import boto3
+    if boto3.session.Session().get_credentials() is not None:
+        return None
+    return (f"{keys[0]} is on S3 ({', '.join(keys)}) but the standard AWS chain has no credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, or a container/instance role)")
+
+
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an ``s3://`` URI.  Credentials come
     from the standard AWS chain; an endpoint override from ``AWS_ENDPOINT_URL``."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deepcuts.core.errors import InputMissing
 from deepcuts.core.storage import read_bytes, write_bytes_atomic
 
 MODELS_DIR = "models"
@@ -42,8 +43,9 @@ ARTIFACT_FORMAT = 1
 TARGETS = ("factors", "labels")
 
 
-class ModelArtifactError(RuntimeError):
-    """A model artifact is missing, truncated, corrupted or does not match its metadata."""
+class ModelArtifactError(InputMissing):
+    """A model artifact is missing, truncated, corrupted or does not match its metadata: an
+    unusable input (exit 3), named by its folder; nothing was published."""
 
 
 # --- mels ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepcuts.core.config import Config
+from deepcuts.core.errors import InputMissing
 from deepcuts.nn.model import frames_for_seconds
 from deepcuts.core.lake import Lake
 from deepcuts.core.tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
@@ -177,7 +178,7 @@ def wpe_statistics_frame(ctx, track_ids_df):
     partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()
     n_users = sum(int(r["n"]) for r in partials)
     if n_users == 0:
-        raise RuntimeError("train.loss = \"wpe\" needs user_factors: run the factors stage first")
+        raise InputMissing("train.loss = \"wpe\" needs user_factors: run the factors stage first")
     gram = np.sum([np.asarray(r["gram"], dtype=np.float64) for r in partials], axis=0)
     rank = int(round(np.sqrt(gram.size)))
     gram = gram.reshape(rank, rank)   # shipped to executors inside the closure: rank^2 doubles
@@ -224,7 +225,7 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         log.info("training set %s is up to date with its inputs: reused", existing.run_id)
         return existing
     if inputs["mels"] is None:
-        raise RuntimeError("table mels is empty: run the ingest stage first")
+        raise InputMissing("table mels is empty: run the ingest stage first")
     crop_frames = crop_frames_for(cfg)
     n_mels = cfg.ingest.n_mels
 
@@ -248,7 +249,7 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
     label_names: list[str] = []
     if t.target == "factors":
         if inputs["track_factors"] is None:
-            raise RuntimeError("table track_factors is empty: run the factors stage first "
+            raise InputMissing("table track_factors is empty: run the factors stage first "
                                "(or set train.target = \"labels\")")
         source_run_id = inputs["track_factors"][0]
         factors = ctx.read(TRACK_FACTORS).select(
@@ -301,7 +302,7 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         label_names = sorted(r[0] for r in mels.where(F.col("reason").isNull())
                              .select(F.explode("label_list")).distinct().collect())
         if not label_names:
-            raise RuntimeError("train.target = \"labels\" but no valid mel has labels")
+            raise InputMissing("train.target = \"labels\" but no valid mel has labels")
         out_dim = len(label_names)
         vocab = F.array(*[F.lit(n) for n in label_names])
         multi_hot = F.transform(vocab, lambda name: F.array_contains("label_list", name).cast("float"))
@@ -330,7 +331,9 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
 
     rejects = joined.where(F.col("reason").isNotNull()).select(
         "track_id", "reason", "detail", F.lit(run_id).alias("run_id"))
-    reject_committed = ctx.write(rejects.coalesce(1), TRAIN_REJECTS)
+    # One file of a few rows; repartition, not coalesce: coalesce(1) would run the whole
+    # factors x mels join (the mel bytes) in a single task.
+    reject_committed = ctx.write(rejects.repartition(1), TRAIN_REJECTS)
     reject_counts = {r["reason"]: r["count"] for r in
                      ctx.read(TRAIN_REJECTS).groupBy("reason").count().collect()}
     snapshot_summary = {"fingerprint": fingerprint, "inputs": inputs, "target": t.target,
@@ -349,7 +352,9 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         raise RuntimeError("training set was written but its two splits do not match; "
                            "another train job may be running against this warehouse")
     if built.train_rows == 0:
-        raise RuntimeError(f"the training set is empty (rejects: {reject_counts or 'none'})")
+        # e.g. a catalogue where every track is cold: no ingested track has ALS factors yet
+        raise InputMissing(f"the training set is empty: no usable mel of a track with factors (rejects: "
+                           f"{reject_counts or 'none'}); no model was trained")
     log.info("training set %s: %d train, %d validation, rejects %s", run_id, built.train_rows,
              built.validation_rows, reject_counts)
     return built

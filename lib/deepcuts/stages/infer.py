@@ -64,7 +64,8 @@ import pyarrow as pa
 from deepcuts.audio.decode import mel_view
 from deepcuts.cf.align import OTHER_SPACE, current_lineage, model_space
 from deepcuts.core.config import Config
-from deepcuts.core.faults import fail_once, switches
+from deepcuts.core.errors import InputMissing
+from deepcuts.core.faults import OFF, inject, switches
 from deepcuts.core.tables import (FACTOR_ALIGNMENTS, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS,
                                   TRACK_FACTORS)
 
@@ -370,7 +371,7 @@ def score_stored_mels(file_uri: str, rows: list[int], track_ids: list[str], arti
 # --------------------------------------------------------------------------------------
 def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, batch_size: int,
             precision: str, gpu_batch_size: int | None = None, gpu_precision: str | None = None,
-            faults=((), "")):
+            faults=OFF):
     def score_partition(units: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
         from deepcuts.core.spark import python_worker_setup
@@ -385,8 +386,8 @@ def _scorer(key: str, artifact_dir: str, scoring: str, window_seconds: float, ba
                 yield from score_stored_mels(file_uri, [int(r["mel_row"]) for r in rows],
                                              [r["track_id"] for r in rows], artifact, scoring,
                                              window_seconds, scoring_batch)
-        # Tests only (faults.fail_once): fail after the rows were handed on.
-        fail_once("infer.score", *faults)
+        # Tests only (cfg.faults): fail after the rows were handed on.
+        inject("infer.score", faults)
     return score_partition
 
 
@@ -436,7 +437,7 @@ def resolve_model(cfg: Config, lk) -> tuple[str, str]:
     from deepcuts.nn.model import latest_model_id, model_dir
     model_id = cfg.infer.model or latest_model_id(lk)
     if not model_id:
-        raise RuntimeError(f"no trained model under {lk.root}/models: run the train stage first "
+        raise InputMissing(f"no trained model under {lk.root}/models: run the train stage first "
                            "(or set infer.model)")
     return model_id, model_dir(lk, model_id)
 

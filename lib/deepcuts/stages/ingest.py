@@ -29,7 +29,7 @@ from deepcuts.audio import catalogue
 from deepcuts.audio.decode import MelParams, RejectedAudio
 from deepcuts.core.config import Config, ConfigError
 from deepcuts.core.errors import InputMissing
-from deepcuts.core.faults import fail_once, switches
+from deepcuts.core.faults import OFF, inject, switches
 from deepcuts.core.lake import Lake
 from deepcuts.core.spark import python_worker_setup
 from deepcuts.core.storage import delete_tree, filesystem_for
@@ -94,12 +94,11 @@ def featurise_row(track_id: str, uri: str, labels, size, version, p: MelParams, 
 
 
 def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
-                     cpu_seconds=None, excerpt_seconds=None, faults=((), "")) -> Iterator[pd.DataFrame]:
+                     cpu_seconds=None, excerpt_seconds=None, faults=OFF) -> Iterator[pd.DataFrame]:
     """mapInPandas body: listing rows in, decoded (or rejected) rows out, batch by batch.
 
     ``cpu_seconds``/``excerpt_seconds`` (Spark accumulators) let the job report its
-    decode speed as a real-time factor per core.  ``faults``: (``faults.fail_once``,
-    ``faults.state_dir``), tests only."""
+    decode speed as a real-time factor per core.  ``faults``: ``cfg.faults``'s switches, tests only."""
     python_worker_setup()
     columns = DECODED_SCHEMA.names
     with _one_blas_thread():
@@ -113,7 +112,7 @@ def decode_partition(batches: Iterator[pd.DataFrame], p: MelParams, run_id: str,
                                         if r["reason"] is None))
             yield pd.DataFrame(rows, columns=columns)
     # Tests only: fail after every row was handed on, so a failed attempt's rows must not count.
-    fail_once("ingest.decode", *faults)
+    inject("ingest.decode", faults)
 
 
 def _one_blas_thread():
@@ -298,7 +297,9 @@ def run(ctx) -> dict:
         F.lit(None).cast("string").alias("source_version"), "reason", "detail", run_lit.alias("run_id"))
     n_catalogue_rejects = {r["reason"]: r["count"] for r in catalogue_rejects.groupBy("reason").count().collect()}
     all_rejects = carried.unionByName(new_rejects).unionByName(missing_rows).unionByName(listing_rejects)
-    rej_committed = ctx.write(all_rejects.coalesce(1), INGEST_REJECTS)
+    # One file; repartition, not coalesce, which would read all of the cached decode output
+    # (mel bytes included) in a single task to find its rejects.
+    rej_committed = ctx.write(all_rejects.repartition(1), INGEST_REJECTS)
 
     decoded.unpersist()
     plan.unpersist()

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from deepcuts.core.config import Config, TrainConf, to_dict
+from deepcuts.core.faults import OFF, Switches, inject, switches
 from deepcuts.nn.loader import (EpochReader, ShortEpochError, band_statistics, band_statistics_from_sums,
                                 band_sums, epoch_plan, row_group_rows, shard_rows)
 from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
@@ -230,8 +231,9 @@ def _set_seeds(seed: int) -> None:
 
 
 def _run_epoch(model, reader: EpochReader, epoch: int, loss_fn, device, mean, std, *,
-               optimizer=None, scaler=None) -> tuple[float, int, float]:
-    """One pass; returns (mean loss per row, rows, seconds).  Trains when given an optimizer."""
+               optimizer=None, scaler=None, faults: Switches = OFF) -> tuple[float, int, float]:
+    """One pass; returns (mean loss per row, rows, seconds).  Trains when given an optimizer.
+    ``faults`` (tests): the ``train.batch`` point, after a batch of an epoch past the first."""
     training = optimizer is not None
     model.train(training)
     use_amp = device.type == "cuda"
@@ -252,6 +254,8 @@ def _run_epoch(model, reader: EpochReader, epoch: int, loss_fn, device, mean, st
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if epoch >= 1:
+                    inject("train.batch", faults)
             total += float(loss.detach()) * len(mel)
             rows += len(mel)
     return (total / rows if rows else float("nan")), rows, time.time() - started
@@ -457,7 +461,8 @@ def _train_loop(cfg: Config, ts: TrainingSet, ckpt_dir: str, run_id: str, device
             try:
                 if ranks is None:
                     train_loss, train_rows, train_s = _run_epoch(model, train_reader, epoch, loss_fn, device,
-                                                                 mean, std, optimizer=optimizer, scaler=scaler)
+                                                                 mean, std, optimizer=optimizer, scaler=scaler,
+                                                                 faults=switches(cfg.faults))
                 else:
                     train_loss, train_rows, train_s = _distributed_epoch(
                         net, train_reader, epoch, loss_fn, device, mean, std, optimizer, scaler, ranks,
