@@ -80,11 +80,11 @@ def test_more_plays_move_the_blend_from_audio_towards_the_listeners():
 
 
 def test_item_system_matches_the_wpe_statistics():
-    """The same per-track sums as the WPE training statistics (which drop the reg term)."""
+    """The same per-track system as the WPE training statistics (ALS's item step, reg n_i I too)."""
     from deepcuts.nn.trainset import WPE_RIDGE, wpe_track_statistics
     users, gram, idx, conf, _ = _setup(3)
-    a, b = item_system(users[idx], conf, gram, 0.0)
-    target, _ = wpe_track_statistics(users[idx], conf, gram, len(users))
+    a, b = item_system(users[idx], conf, gram, 0.3)
+    target, _ = wpe_track_statistics(users[idx], conf, gram, len(users), 0.3)
     ridge = np.eye(RANK) * WPE_RIDGE * np.trace(a) / RANK
     np.testing.assert_allclose(np.linalg.solve(a + ridge, b), target, rtol=1e-8)
 

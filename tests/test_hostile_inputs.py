@@ -48,8 +48,15 @@ def test_plays_with_nothing_usable_are_input_missing(spark, tmp_path, case):
     code, message = _outcome(spark, cfg, "factors")
     assert code == EXIT_INPUT and "no usable play rows" in message, message
     assert not lake(cfg).exists("track_factors") and not lake(cfg).exists("user_factors")
+    failed = read_pandas(lake(cfg), "runs").iloc[-1]
+    assert failed["status"] == "failed" and failed["error"].startswith("input missing: InputMissing: "), failed
     if case == "every track unknown":
         assert "unknown_track" in message                 # the rejects are counted in the message
+        rejects = read_pandas(lake(cfg), "plays_rejects")   # ... and kept, for the operator to fix
+        assert sorted(rejects["user_id"]) == ["u1", "u2", "u3"] and set(rejects["reason"]) == {"unknown_track"}
+        assert dict(failed["tables_written"]) == {"plays_rejects": 0}
+    else:
+        assert not lake(cfg).exists("plays_rejects")
 
 
 def _plays(path, rows):

@@ -20,15 +20,18 @@ from deepcuts.cf.plays import confidence
 from deepcuts.core.lake import lake, read_table, write_table
 from deepcuts.core.tables import (EVAL_HOLDOUT, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS,
                              USER_FACTORS, VALIDATION_EXAMPLES)
-from deepcuts.nn.trainset import NO_PLAYS, build_training_set, inputs_fingerprint, wpe_track_statistics
+from deepcuts.nn.trainset import (NO_PLAYS, build_training_set, inputs_fingerprint, listener_sums, wpe_partition,
+                                  wpe_track_statistics)
 from test_train import RANK, SMALL_MODEL, _frame, planted_catalogue
 
 ALPHA, EPSILON = 2.0, 1.0
+REG = 0.05     # factors.reg: Spark ALS scales it by the track's listeners (reg n_i ||y||^2)
 
 
 def brute_force_wpe(y: np.ndarray, users: np.ndarray, plays: dict[int, float]) -> float:
-    """sum over ALL users of c_ui (p_ui - x_u^T y)^2, c = 1 + alpha log(1 + r / eps)."""
-    total = 0.0
+    """sum over ALL users of c_ui (p_ui - x_u^T y)^2, c = 1 + alpha log(1 + r / eps), plus
+    ALS's regularisation REG n_i ||y||^2 (n_i: the track's listeners)."""
+    total = REG * len(plays) * float(y @ y)
     for u, x in enumerate(users):
         played = u in plays
         c = float(confidence(plays[u], ALPHA, EPSILON)) if played else 1.0
@@ -48,7 +51,7 @@ def test_wpe_loss_equals_brute_force_up_to_a_constant():
         listeners = rng.choice(n_users, 25, replace=False)
         plays = {int(u): float(rng.integers(1, 40)) for u in listeners}
         conf = confidence(np.array([plays[int(u)] for u in listeners]), ALPHA, EPSILON)
-        target, weight = wpe_track_statistics(users[listeners], conf, gram, n_users)
+        target, weight = wpe_track_statistics(users[listeners], conf, gram, n_users, REG)
         tracks.append((plays, target, weight))
 
     def loss(preds):   # a batch of both tracks, as the training loop computes it
@@ -67,6 +70,37 @@ def test_wpe_loss_equals_brute_force_up_to_a_constant():
         assert brute_force_wpe(target, users, plays) < brute_force_wpe(target + rng.normal(0, 0.05, rank), users, plays)
     # Both tracks at their y*: the loss is 0 (the constant is not in it).
     assert loss([t[1] for t in tracks]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_streamed_statistics_equal_the_per_track_ones_across_batches():
+    """wpe_partition carries a track's running sums from one Arrow batch to the next: a hit
+    track spanning many batches, one-listener tracks and a batch boundary on a track change
+    all give the per-track statistics."""
+    rng = np.random.default_rng(3)
+    n_users, rank = 700, 5
+    users = rng.normal(0, 0.4, (n_users, rank))
+    gram = users.T @ users
+    listeners = {"a-hit": 600, "b-one": 1, "c-few": 7, "d-one": 1, "e-mid": 40}
+    rows = [(t, u, 1.0 + rng.uniform(0, 5)) for t, n in listeners.items()
+            for u in rng.choice(n_users, n, replace=False)]
+    frame = pd.DataFrame({"track_id": [r[0] for r in rows], "factors": [users[r[1]] for r in rows],
+                          "confidence": [r[2] for r in rows]})
+    batches = [frame.iloc[i:i + 37] for i in range(0, len(frame), 37)]       # 600 % 37 != 0
+    out = pd.concat(list(wpe_partition(iter(batches), gram, REG, n_users)), ignore_index=True)
+    assert out["track_id"].tolist() == list(listeners) and out["wpe_listeners"].tolist() == list(listeners.values())
+    for track_id, target, weight in zip(out["track_id"], out["target"], out["target_weight"]):
+        mine = frame[frame["track_id"] == track_id]
+        want_t, want_w = wpe_track_statistics(np.stack(mine["factors"]), mine["confidence"].to_numpy(), gram,
+                                              n_users, REG)
+        np.testing.assert_allclose(target, want_t, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(weight, want_w.ravel(), rtol=2e-5, atol=1e-6)
+    # the outer products are summed a chunk of rows at a time: any chunk size, the same sums
+    ids, x, c = frame["track_id"].to_numpy(), np.stack(frame["factors"]), frame["confidence"].to_numpy()
+    whole = listener_sums(ids, x, c)
+    chunked = listener_sums(ids, x, c, chunk_bytes=8 * rank * rank * 3)        # 3 rows a chunk
+    assert list(chunked[0]) == list(whole[0]) == list(listeners)
+    for got, want in zip(chunked[1:], whole[1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def make_config_train_wpe():
@@ -96,7 +130,7 @@ def planted_plays(user_ids: list[str], track_styles: dict[str, int], cold: set, 
 def wpe_planted(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("wpe")
     cfg = make_config(root, **{**SMALL_MODEL, "train__loss": "wpe", "train__epochs": 2,
-                               "factors__alpha": ALPHA, "factors__epsilon": EPSILON})
+                               "factors__alpha": ALPHA, "factors__epsilon": EPSILON, "factors__reg": REG})
     wh = lake(cfg)
     mels, factors, users, holdout, cold = planted_catalogue(n_tracks=96, n_users=100)
     styles = {t: int(t[3:]) % 4 for t in mels["track_id"] if t.startswith("trk")}   # cold ones too
@@ -132,7 +166,7 @@ def test_wpe_training_set_statistics_match_numpy(spark, wpe_planted):
             continue
         x = np.stack(users.loc[group["user_id"], "factors"].to_numpy()).astype(np.float64)
         c = 1.0 + ALPHA * np.log1p(group["plays"].to_numpy() / EPSILON)
-        a = x_all.T @ x_all + (x * (c - 1)[:, None]).T @ x
+        a = x_all.T @ x_all + (x * (c - 1)[:, None]).T @ x + np.eye(RANK) * REG * len(x)
         b = x.T @ c
         w = np.asarray(examples.loc[track_id, "target_weight"], dtype=np.float64).reshape(RANK, RANK)
         assert np.allclose(np.triu(w, 1), 0.0)                       # lower-triangular

@@ -6,21 +6,20 @@ formats (``factors.plays_format``):
 * ``aggregated``: (user_id, track_id, plays); duplicate pairs are summed.
 * ``events``: (user_id, track_id[, timestamp, ...]); one row is one play, counted per pair.
 
-Ids of any type become strings, one canonical way (``canonical_id_text``): integral numbers
-print as plain decimal integers (``123``, never ``123.0``), text is stripped, an empty
-string is a missing id.  CSV is read as text so a malformed value survives to validation.
+Ids of any type become strings, one canonical way (``read_raw_plays``, ``stripped_text``):
+integral numbers print as plain decimal integers (``123``, never ``123.0``), other numbers as
+Spark casts them to text, text is stripped of white space, an empty string is a missing id.
+CSV is read as text so a malformed value survives to validation, which is Spark SQL
+(``validate_plays``): no Python runs per play row.
 
 Every row that is not used lands in ``plays_rejects`` with one reason code (``REASONS``,
 first failing check wins); the job summary counts them.  Nothing is dropped silently.
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Iterator
 
 import numpy as np
-import pandas as pd
 
 from deepcuts.core.errors import InputMissing
 
@@ -40,77 +39,33 @@ PLAYS_EXTENSIONS = (".parquet", ".csv")
 VALIDATED_COLUMNS = ("user_id", "track_id", "plays_text", "plays", "reason")
 
 
-# --- pure functions ------------------------------------------------------------------------
-def canonical_id_text(values: pd.Series) -> pd.Series:
-    """Ids as canonical strings (object dtype; None where missing).
-
-    Integral numbers (ints, or floats holding an integer, e.g. ids that went through a
-    NaN-able float column) print as decimal integers; other floats keep Python's repr;
-    text is stripped of surrounding whitespace; empty text or NaN is a missing id.
-    """
-    def one(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return None
-        if isinstance(v, (bool, np.bool_)):
-            return str(v).lower()
-        if isinstance(v, (int, np.integer)):
-            return str(int(v))
-        if isinstance(v, (float, np.floating)):
-            return str(int(v)) if float(v).is_integer() else repr(float(v))
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", errors="replace")
-        text = str(v).strip()
-        return text or None
-    return pd.Series([one(v) for v in values], index=values.index, dtype=object)
+# --- the rules, as Spark SQL columns --------------------------------------------------------
+# Validation runs as SQL expressions on the JVM, not Python: a play table of 10^10 rows must
+# not pay a Python round trip per Arrow batch.
+# What ``str.strip()`` strips: ASCII and Unicode white space and separators.
+_SPACE = r"[\s\p{Z}\x1c-\x1f\x85]"
+_DECIMAL = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"   # Java's parser alone also takes "1d", "0x1p3"
+_NOT_A_NUMBER = r"^[+-]?(nan|inf|infinity)$"                         # lower-cased
 
 
-def parse_plays(text: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """(value, reason) for play-count text: value is a float (NaN where rejected), reason is
-    None for a usable count (finite and > 0) or one of the plays reason codes."""
-    stripped = text.astype(object).where(text.notna(), None)
-    stripped = pd.Series([s.strip() if isinstance(s, str) else s for s in stripped],
-                         index=text.index, dtype=object)
-    missing = stripped.isna() | (stripped == "")
-    value = pd.to_numeric(stripped.where(~missing, None), errors="coerce").astype(float)
-    literal_nan = stripped.str.lower().isin(("nan", "+nan", "-nan")).fillna(False).astype(bool)
-    reason = pd.Series(None, index=text.index, dtype=object)
-    reason[value.isna() & ~missing & ~literal_nan] = NON_NUMERIC_PLAYS
-    reason[literal_nan | np.isinf(value.fillna(0.0))] = NON_FINITE_PLAYS
-    finite = value.notna() & ~np.isinf(value.fillna(0.0))
-    reason[finite & (value < 0)] = NEGATIVE_PLAYS
-    reason[finite & (value == 0)] = ZERO_PLAYS
-    reason[missing] = NULL_PLAYS
-    return value.where(reason.isna(), np.nan), reason
+def stripped_text(col):
+    """``col`` as text without surrounding white space; empty text is null (a missing id)."""
+    from pyspark.sql import functions as F
+    text = F.regexp_replace(col.cast("string"), f"^{_SPACE}+|{_SPACE}+$", "")
+    return F.when(text != "", text)
 
 
-def validate_rows(frame: pd.DataFrame, plays_format: str) -> pd.DataFrame:
-    """Validate raw rows (user_id, track_id[, plays]) of any dtype.
-
-    Returns ``VALIDATED_COLUMNS``: canonical ids, the plays text as read, the parsed count
-    (1.0 per row for events) and ``reason`` (None when the row is usable).  Checks run in
-    ``REASONS`` order and the first failing one names the row.
-    """
-    user = canonical_id_text(frame["user_id"])
-    track = canonical_id_text(frame["track_id"])
-    if plays_format == "events":
-        plays_text = pd.Series(None, index=frame.index, dtype=object)
-        value = pd.Series(1.0, index=frame.index)
-        reason = pd.Series(None, index=frame.index, dtype=object)
-    else:
-        raw = frame["plays"]
-        if raw.dtype.kind in "fiu":   # numeric input: a NaN there is a NaN count, not a missing one
-            plays_text = raw.astype(object).map(str)
-        else:
-            plays_text = pd.Series([None if v is None or (isinstance(v, float) and math.isnan(v))
-                                    else v.decode("utf-8", errors="replace") if isinstance(v, bytes)
-                                    else str(v) for v in raw], index=frame.index, dtype=object)
-        value, reason = parse_plays(plays_text)
-    reason = reason.copy()
-    reason[track.isna()] = NULL_TRACK_ID
-    reason[user.isna()] = NULL_USER_ID
-    return pd.DataFrame({"user_id": user, "track_id": track, "plays_text": plays_text,
-                         "plays": value.where(reason.isna(), np.nan),
-                         "reason": reason.astype(object).where(reason.notna(), None)})
+def plays_reason(text):
+    """The plays reason code of play-count text (null: a usable count, finite and > 0)."""
+    from pyspark.sql import functions as F
+    t = stripped_text(text)
+    value = t.cast("double")
+    return (F.when(t.isNull(), F.lit(NULL_PLAYS))
+            .when(F.lower(t).rlike(_NOT_A_NUMBER), F.lit(NON_FINITE_PLAYS))
+            .when(~t.rlike(_DECIMAL), F.lit(NON_NUMERIC_PLAYS))
+            .when(F.abs(value) == float("inf"), F.lit(NON_FINITE_PLAYS))      # e.g. 1e999
+            .when(value < 0, F.lit(NEGATIVE_PLAYS))
+            .when(value == 0, F.lit(ZERO_PLAYS)))
 
 
 def confidence_rating(plays: np.ndarray | float, epsilon: float) -> np.ndarray | float:
@@ -203,19 +158,24 @@ def read_raw_plays(spark, path: str, plays_format: str):
 
 
 def validate_plays(raw_df, plays_format: str):
-    """``validate_rows`` over the raw rows, streamed per partition (mapInPandas)."""
-    from pyspark.sql.types import DoubleType, StringType, StructField, StructType
-    schema = StructType([StructField("user_id", StringType()), StructField("track_id", StringType()),
-                         StructField("plays_text", StringType()), StructField("plays", DoubleType()),
-                         StructField("reason", StringType())])
-
-    def validate(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from deepcuts.core.spark import python_worker_setup
-        python_worker_setup()
-        for batch in batches:
-            yield validate_rows(batch, plays_format)
-
-    return raw_df.mapInPandas(validate, schema)
+    """The raw rows (text columns, see ``read_raw_plays``) as ``VALIDATED_COLUMNS``:
+    canonical ids, the plays text as read, the parsed count (1.0 per row for events) and
+    ``reason`` (null when the row is usable).  Checks run in ``REASONS`` order and the
+    first failing one names the row; a rejected row carries no count."""
+    from pyspark.sql import functions as F
+    user, track = stripped_text(F.col("user_id")), stripped_text(F.col("track_id"))
+    if plays_format == "events":
+        text, count, plays = F.lit(None).cast("string"), F.lit(1.0), F.lit(None).cast("string")   # no checks
+    else:
+        text = F.col("plays").cast("string")
+        plays = plays_reason(text)
+        count = stripped_text(text).cast("double")
+    reason = (F.when(user.isNull(), F.lit(NULL_USER_ID)).when(track.isNull(), F.lit(NULL_TRACK_ID))
+              .otherwise(plays))
+    return raw_df.select(user.alias("user_id"), track.alias("track_id"), text.alias("plays_text"),
+                         count.alias("_count"), reason.alias("reason")) \
+        .select("user_id", "track_id", "plays_text",
+                F.when(F.col("reason").isNull(), F.col("_count")).cast("double").alias("plays"), "reason")
 
 
 def flag_unknown_tracks(validated_df, known_track_ids_df):

@@ -102,7 +102,9 @@ def run_stage(spark, cfg, name: str, pipeline_run_id: str | None = None, skip_un
         if unchanged:
             summary = {"skipped": unchanged}
         else:
-            summary = stage.function_ref()(ctx)
+            from deepcuts.core.spark import arrow_batches
+            with arrow_batches(spark, cfg, stage.rows):
+                summary = stage.function_ref()(ctx)
             ctx.maintain()
     except BaseException as exc:
         # The row says which outcome it was (the exit code's words), then the exception.

@@ -30,6 +30,9 @@ class Stage:
     skippable: bool = True
     # (cfg, lake) -> what else the stage reads, as a line (e.g. the served model), for that check
     fingerprint: Callable | None = None
+    # What its pandas UDFs get in a row: "mel" (~330 kB: small Arrow batches) or "vector" (play
+    # pairs, factor vectors: large ones); [spark] arrow_batch_rows / arrow_batch_rows_vectors.
+    rows: str = "mel"
 
     def function_ref(self) -> Callable:
         module, func = self.function.split(":")
@@ -62,7 +65,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           writes=(T.USER_FACTORS, T.TRACK_FACTORS, T.USER_INDEX, T.TRACK_INDEX, T.PLAYS_REJECTS,
                   T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS, T.EVALUATION_RESULTS, T.FACTOR_ALIGNMENTS),
           doc="play counts -> implicit ALS factors (+ the cold-start protocol's holdout and upper bound)",
-          skippable=False),
+          skippable=False, rows="vector"),
     Stage("train", "deepcuts.stages.train:run",
           reads=(T.MELS, T.TRACK_FACTORS, T.USER_FACTORS, T.EVAL_HOLDOUT, T.FACTOR_ALIGNMENTS),
           writes=(T.TRAIN_EXAMPLES, T.VALIDATION_EXAMPLES, T.TRAIN_REJECTS, T.TRAIN_METRICS),
@@ -91,13 +94,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           reads=(T.SERVING_FACTORS, T.PREDICTED_FACTORS, T.USER_FACTORS, T.MELS, T.AUDIO_EMBEDDINGS),
           writes=(T.SIMILAR_TRACKS, T.SOUNDS_LIKE, T.USER_RECOMMENDATIONS, T.NEIGHBOUR_METRICS,
                   T.NEIGHBOUR_REJECTS),
-          doc="sharded FAISS k-NN -> similar tracks, sounds-like, user -> new-track recommendations"),
+          doc="sharded FAISS k-NN -> similar tracks, sounds-like, user -> new-track recommendations",
+          rows="vector"),
     Stage("report", "deepcuts.stages.report:run",
           reads=(T.RUNS, T.EVALUATION_RESULTS, T.TRAIN_METRICS, T.SERVING_FACTORS, T.SIMILAR_TRACKS, T.MELS,
                  T.INGEST_REJECTS, T.PLAYS_REJECTS, T.TRAIN_REJECTS, T.BASELINE_REJECTS, T.INFER_REJECTS,
                  T.NEIGHBOUR_REJECTS, T.AUDIO_EMBEDDINGS, T.SOUNDS_LIKE),   # the last two: content-only mode
           writes=(),
-          doc="the run's static HTML report under <warehouse>/reports/ (no table written)", skippable=False),
+          doc="the run's static HTML report under <warehouse>/reports/ (no table written)", skippable=False,
+          rows="vector"),
 )}
 
 NIGHTLY: tuple[str, ...] = ("ingest", "factors", "train", "baseline", "infer", "evaluate", "neighbours",

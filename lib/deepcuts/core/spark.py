@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from deepcuts.core.config import PROJECT_ROOT, Config
 
@@ -129,8 +131,35 @@ def get_session(cfg: Config, app: str | None = None, master: str | None = None):
 def apply_runtime_conf(spark, cfg: Config) -> None:
     spark.conf.set("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_batch_rows))
+    spark.conf.set(ARROW_BATCH_ROWS, str(cfg.spark.arrow_batch_rows))
     spark.sparkContext.setCheckpointDir(checkpoint_dir(cfg))
+
+
+ARROW_BATCH_ROWS = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+def arrow_batch_rows(cfg: Config, rows: str) -> int:
+    """Rows per Arrow batch for ``rows`` = "mel" (a mel is ~330 kB: small batches) or
+    "vector" (play pairs, factor vectors: large batches, or the Python work per batch and the
+    batch count dominate: 10^10 play rows in 64-row batches would be 1.5 x 10^8 batches)."""
+    if rows not in ("mel", "vector"):
+        raise ValueError(f"rows must be 'mel' or 'vector', not {rows!r}")
+    return cfg.spark.arrow_batch_rows if rows == "mel" else cfg.spark.arrow_batch_rows_vectors
+
+
+@contextmanager
+def arrow_batches(spark, cfg: Config, rows: str) -> Iterator[None]:
+    """Spark actions inside use ``arrow_batch_rows(cfg, rows)`` rows per Arrow batch (the
+    setting is read when a query runs, so the query must run inside)."""
+    saved = spark.conf.get(ARROW_BATCH_ROWS, None)
+    spark.conf.set(ARROW_BATCH_ROWS, str(arrow_batch_rows(cfg, rows)))
+    try:
+        yield
+    finally:
+        if saved is None:
+            spark.conf.unset(ARROW_BATCH_ROWS)
+        else:
+            spark.conf.set(ARROW_BATCH_ROWS, saved)
 
 
 def checkpoint_dir(cfg: Config) -> str:

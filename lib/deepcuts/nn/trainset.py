@@ -9,9 +9,12 @@ go to ``train_rejects`` with a reason code.
 
 With ``train.loss = "wpe"`` (van den Oord et al. 2013's weighted prediction error) the
 target of a track i is not its unit ALS factor but y*_i = A_i^-1 b_i, with
-``A_i = X^T X + sum_{u in P(i)} (c_ui - 1) x_u x_u^T`` and ``b_i = sum_{u in P(i)} c_ui x_u``
-over the published ``user_factors`` X and the track's listeners P(i), so that
-``WPE_i(y) = sum_u c_ui (p_ui - x_u^T y)^2 = (y - y*_i)^T A_i (y - y*_i) + const``.  The
+``A_i = X^T X + sum_{u in P(i)} (c_ui - 1) x_u x_u^T + reg n_i I`` and
+``b_i = sum_{u in P(i)} c_ui x_u`` over the published ``user_factors`` X and the track's n_i
+listeners P(i) in the fit, so that ``WPE_i(y) + reg n_i ||y||^2 = sum_u c_ui (p_ui - x_u^T y)^2
++ reg n_i ||y||^2 = (y - y*_i)^T A_i (y - y*_i) + const``: Spark ALS's own item objective
+(its regularisation scaled by the item's ratings), whose minimiser y*_i is the track's factors
+as ALS would solve them from X.  The
 examples then also hold ``target_weight``: the Cholesky factor of ``A_i / n_users``
 (flattened), and the loss ``||W_i^T (y - y*_i)||^2`` is WPE_i / n_users up to a constant.
 
@@ -48,6 +51,9 @@ BAD_TARGET = "bad_factors"
 NO_MEL = "no_mel"
 NO_PLAYS = "no_plays"        # wpe: the track has factors but no plays by a user with factors
 
+# The split of a row of the build (a column of its one shuffled scan, never written).
+TRAIN_SPLIT, VALIDATION_SPLIT, REJECTED_SPLIT = "train", "validation", "rejected"
+
 # wpe: ridge added to A_i before Cholesky, relative to its mean eigenvalue (trace / rank).
 WPE_RIDGE = 1e-6
 
@@ -69,6 +75,13 @@ class TrainingSet:
     fingerprint: str
     summary: dict
     loss: str = "mse"                 # "wpe": examples carry target_weight, targets are raw-scale
+
+
+def training_set_partitions(mel_bytes: int, cfg: Config) -> int:
+    """Partitions of the training-set shuffle: ``spark.shuffle_partitions``, or more so that
+    none holds over ``spark.partition_mb`` of mels (10^7 tracks of 30 s mels are ~3.3 TB:
+    a fixed count would put gigabytes in each task)."""
+    return max(cfg.spark.shuffle_partitions, -(-int(mel_bytes) // (cfg.spark.partition_mb << 20)))
 
 
 def crop_frames_for(cfg: Config) -> int:
@@ -99,7 +112,8 @@ def inputs_fingerprint(ctx) -> tuple[str, dict]:
         # Only added for wpe, so the fingerprints of existing mse sets stay valid.
         fc = cfg.factors
         inputs.update(loss="wpe", user_factors=ctx.version_info(USER_FACTORS), plays=fc.plays,
-                      plays_format=fc.plays_format, alpha=fc.alpha, epsilon=fc.epsilon, wpe_ridge=WPE_RIDGE)
+                      plays_format=fc.plays_format, alpha=fc.alpha, epsilon=fc.epsilon, wpe_ridge=WPE_RIDGE,
+                      reg=fc.reg, wpe_system="als_item")   # y* with reg n_i I, fit pairs only (issue 17)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return digest, inputs
 
@@ -130,25 +144,106 @@ def uses_wpe(cfg: Config) -> bool:
 
 
 # --- the WPE statistics (pure) ------------------------------------------------------------
-def wpe_track_statistics(listener_factors: np.ndarray, confidences: np.ndarray, gram: np.ndarray,
-                         n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(y*_i, W_i) of one track from its listeners' factors [n, rank] and confidences c_ui [n].
+def wpe_from_sums(listener_sums: np.ndarray, b: np.ndarray, n: np.ndarray, gram: np.ndarray, reg: float,
+                  n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y*, W) of a stack of k tracks from their listener sums: ``listener_sums`` [k, r, r] =
+    sum (c - 1) x x^T, ``b`` [k, r] = sum c x and ``n`` [k] listeners each.
 
-    ``gram`` is X^T X over all ``n_users`` users.  W_i is the lower Cholesky factor of
-    A_i / n_users (+ a tiny ridge), so ``||W_i^T (y - y*_i)||^2 = (WPE_i(y) - const) / n_users``.
-    Non-finite inputs give NaN outputs (rejected by the caller as bad factors)."""
-    x = np.asarray(listener_factors, dtype=np.float64)
-    c = np.asarray(confidences, dtype=np.float64)
+    A = X^T X + listener_sums + reg n I is Spark ALS's own item system (its regularisation is
+    scaled by the item's ratings), so y* = A^-1 b is the track's factors as ALS would solve
+    them from X.  W is the lower Cholesky factor of A / n_users (+ a tiny ridge).  A track
+    whose system is not positive definite (non-finite inputs) gets NaNs (rejected as bad
+    factors by the caller)."""
     rank = gram.shape[0]
-    a = gram + (x * (c - 1.0)[:, None]).T @ x
-    b = x.T @ c
-    a = a + np.eye(rank) * (WPE_RIDGE * max(np.trace(a) / rank, 1e-12))
-    try:
-        chol = np.linalg.cholesky(a)
-        target = np.linalg.solve(a, b)
+    eye = np.eye(rank)
+    a = gram[None] + listener_sums + eye[None] * (float(reg) * np.asarray(n, dtype=np.float64))[:, None, None]
+    trace = np.einsum("kii->k", a) / rank
+    a = a + eye[None] * (WPE_RIDGE * np.maximum(np.nan_to_num(trace, nan=1.0), 1e-12))[:, None, None]
+    targets = np.full((len(a), rank), np.nan)
+    weights = np.full((len(a), rank, rank), np.nan)
+    good = np.flatnonzero(np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1))
+    try:   # one batched factorisation; if any track's fails, track by track
+        weights[good] = np.linalg.cholesky(a[good])
+        targets[good] = np.linalg.solve(a[good], b[good][..., None])[..., 0]
     except np.linalg.LinAlgError:
-        return np.full(rank, np.nan), np.full((rank, rank), np.nan)
-    return target, chol / np.sqrt(n_users)
+        for i in good:
+            try:
+                weights[i], targets[i] = np.linalg.cholesky(a[i]), np.linalg.solve(a[i], b[i])
+            except np.linalg.LinAlgError:
+                weights[i], targets[i] = np.nan, np.nan
+    return targets, weights / np.sqrt(n_users)
+
+
+def wpe_track_statistics(listener_factors: np.ndarray, confidences: np.ndarray, gram: np.ndarray,
+                         n_users: int, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """(y*_i, W_i) of one track from its listeners' factors [n, rank] and confidences c_ui [n]
+    (see ``wpe_from_sums``); ``gram`` is X^T X over all ``n_users`` users, ``reg`` = factors.reg."""
+    x = np.asarray(listener_factors, dtype=np.float64).reshape(-1, gram.shape[0])
+    c = np.asarray(confidences, dtype=np.float64)
+    sums = ((x * (c - 1.0)[:, None]).T @ x)[None]
+    target, weight = wpe_from_sums(sums, (x.T @ c)[None], np.array([len(x)]), gram, reg, n_users)
+    return target[0], weight[0]
+
+
+def listener_sums(track_ids: np.ndarray, x: np.ndarray, c: np.ndarray,
+                  chunk_bytes: int = 16 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per run of equal ``track_ids`` (rows sorted by track): (ids [k], sum (c-1) x x^T [k, r, r],
+    sum c x [k, r], rows [k]).  The outer products are formed a chunk of rows at a time, so
+    memory stays at ``chunk_bytes`` whatever the batch size and rank."""
+    n_rows, rank = x.shape
+    first = np.r_[True, track_ids[1:] != track_ids[:-1]] if n_rows else np.zeros(0, bool)
+    segment = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    k = len(starts)
+    sums = np.zeros((k, rank, rank))
+    weighted = x * (c - 1.0)[:, None]
+    step = max(1, chunk_bytes // (8 * rank * rank))
+    for lo in range(0, n_rows, step):
+        hi = min(n_rows, lo + step)
+        outer = np.einsum("ni,nj->nij", weighted[lo:hi], x[lo:hi])
+        seg = segment[lo:hi]
+        local = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+        sums[seg[local]] += np.add.reduceat(outer, local, axis=0)   # segments are unique per chunk
+    b = np.add.reduceat(x * c[:, None], starts, axis=0) if k else np.zeros((0, rank))
+    counts = np.diff(np.r_[starts, n_rows])
+    return track_ids[starts], sums, b, counts
+
+
+WPE_SCHEMA = "track_id string, target array<float>, target_weight array<float>, wpe_listeners long"
+
+
+def wpe_partition(batches, gram: np.ndarray, reg: float, n_users: int):
+    """mapInPandas body over (track_id, factors, confidence) rows sorted by track within the
+    partition: one output row per track.  A track's rows are streamed (only its running sums
+    are carried from one Arrow batch to the next), so a hit track with millions of listeners
+    costs no more memory than one with a single listener."""
+    import pandas as pd
+    carry = None   # (track_id, sums [r, r], b [r], n) of the track the last batch ended in
+
+    def emit(ids, sums, b, n):
+        target, weight = wpe_from_sums(sums, b, n, gram, reg, n_users)
+        return pd.DataFrame({"track_id": ids, "target": list(target.astype(np.float32)),
+                             "target_weight": list(weight.reshape(len(ids), -1).astype(np.float32)),
+                             "wpe_listeners": np.asarray(n, dtype=np.int64)})
+
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        ids, sums, b, n = listener_sums(batch["track_id"].to_numpy(),
+                                        np.stack(batch["factors"].to_numpy()).astype(np.float64),
+                                        batch["confidence"].to_numpy(dtype=np.float64))
+        if carry is not None:
+            if ids[0] == carry[0]:
+                sums[0] += carry[1]
+                b[0] += carry[2]
+                n[0] += carry[3]
+            else:
+                yield emit(np.array([carry[0]], dtype=object), carry[1][None], carry[2][None], np.array([carry[3]]))
+        carry = (ids[-1], sums[-1], b[-1], n[-1])
+        if len(ids) > 1:
+            yield emit(ids[:-1], sums[:-1], b[:-1], n[:-1])
+    if carry is not None:
+        yield emit(np.array([carry[0]], dtype=object), carry[1][None], carry[2][None], np.array([carry[3]]))
 
 
 def partial_gram(batches):
@@ -167,41 +262,37 @@ def partial_gram(batches):
 
 def wpe_statistics_frame(ctx, track_ids_df):
     """(track_id, target, target_weight, wpe_listeners) for the tracks of ``track_ids_df``,
-    plus {"n_users", "rank"}.  Plays are read and validated the way the factors stage reads
-    them; only X^T X (rank^2 numbers) ever reaches the driver."""
-    import pandas as pd
+    plus {"n_users", "rank"}.  The plays are those the published fit was trained on
+    (:func:`deepcuts.cf.blend.fit_pairs`: the factors stage's reading, minus the pairs it held
+    out, so no evaluation play becomes a target).  The listener rows are hashed to
+    partitions by track and streamed in track order (``wpe_partition``): no per-track pandas
+    frame, only X^T X (rank^2 numbers) reaches the driver."""
     from pyspark.sql import functions as F
+    from deepcuts.cf.blend import fit_pairs, user_gram
     from deepcuts.cf.plays import rating_column
-    from deepcuts.cf.plays import aggregate_pairs, read_raw_plays, validate_plays
+    from deepcuts.core.tables import EVAL_HOLDOUT
     spark, fc = ctx.spark, ctx.cfg.factors
     users = ctx.read(USER_FACTORS).select("user_id", "factors")
-    partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()
-    n_users = sum(int(r["n"]) for r in partials)
+    n_users = users.count()
     if n_users == 0:
         raise InputMissing("train.loss = \"wpe\" needs user_factors: run the factors stage first")
-    gram = np.sum([np.asarray(r["gram"], dtype=np.float64) for r in partials], axis=0)
-    rank = int(round(np.sqrt(gram.size)))
-    gram = gram.reshape(rank, rank)   # shipped to executors inside the closure: rank^2 doubles
-
-    validated = validate_plays(read_raw_plays(spark, fc.plays, fc.plays_format), fc.plays_format)
-    pairs = aggregate_pairs(validated.where(F.col("reason").isNull()))
-    listened = (pairs.join(track_ids_df.select("track_id").distinct(), "track_id", "left_semi")
+    gram = user_gram(users)           # shipped to executors inside the closure: rank^2 doubles
+    reg = float(fc.reg)
+    holdout = ctx.read(EVAL_HOLDOUT) if ctx.exists(EVAL_HOLDOUT) else None
+    listened = (fit_pairs(spark, fc, holdout).join(track_ids_df.select("track_id").distinct(), "track_id", "left_semi")
                 .join(users, "user_id")
-                .select("track_id", "factors",
+                .select("track_id", F.col("factors").cast("array<float>"),
                         (1.0 + F.lit(float(fc.alpha)) * rating_column(F.col("plays"), fc.epsilon))
                         .alias("confidence")))
 
-    def per_track(frame: pd.DataFrame) -> pd.DataFrame:
-        target, weight = wpe_track_statistics(np.stack(frame["factors"].to_numpy()),
-                                              frame["confidence"].to_numpy(), gram, n_users)
-        return pd.DataFrame({"track_id": [frame["track_id"].iloc[0]],
-                             "target": [target.astype(np.float32)],
-                             "target_weight": [weight.astype(np.float32).ravel()],
-                             "wpe_listeners": [len(frame)]})
+    def body(batches):
+        from deepcuts.core.spark import python_worker_setup
+        python_worker_setup()
+        yield from wpe_partition(batches, gram, reg, n_users)
 
-    stats = listened.groupBy("track_id").applyInPandas(
-        per_track, "track_id string, target array<float>, target_weight array<float>, wpe_listeners long")
-    return stats, {"n_users": n_users, "rank": rank}
+    stats = (listened.repartition(ctx.cfg.spark.shuffle_partitions, "track_id").sortWithinPartitions("track_id")
+             .mapInPandas(body, WPE_SCHEMA))
+    return stats, {"n_users": n_users, "rank": gram.shape[0], "reg": reg}
 
 
 def build_training_set(ctx) -> TrainingSet:
@@ -215,7 +306,9 @@ def build_training_set(ctx) -> TrainingSet:
 
 
 def _build_training_set(ctx, persisted: list) -> TrainingSet:
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
+    from deepcuts.core.spark import arrow_batches
 
     spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     t = cfg.train
@@ -259,8 +352,10 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         if uses_wpe(cfg):
             # The WPE target y*_i replaces the unit factors; target_weight carries A_i's factor.
             wpe_stats, wpe_info = wpe_statistics_frame(ctx, factors)
-            wpe_stats = wpe_stats.persist()   # written three times below (train, validation, rejects)
+            wpe_stats = wpe_stats.persist()
             persisted.append(wpe_stats)
+            with arrow_batches(spark, cfg, "vector"):   # play pairs: large Arrow batches
+                wpe_stats.count()
             factors = factors.select("track_id").join(wpe_stats, "track_id", "left")
             no_plays = F.col("wpe_listeners").isNull()
         else:
@@ -311,25 +406,31 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         wpe_info = None
         source_run_id = inputs["mels"][0]
 
-    good = joined.where(F.col("reason").isNull())
+    # One scan of the join: every row gets its split (rejects drop their mel bytes), and the
+    # rows are shuffled once, by a deterministic hash (row groups get mixed tracks), into
+    # byte-sized partitions kept on the executors' disks; the three writes only filter them.
     bucket = F.pmod(F.xxhash64(F.lit(str(t.seed)), F.col("track_id")), F.lit(HASH_BUCKETS))
     is_validation = bucket < F.lit(int(round(t.validation_fraction * HASH_BUCKETS)))
-    examples = (good.withColumn("is_validation", is_validation)
-                .withColumn("source_run_id", F.lit(source_run_id)).withColumn("run_id", F.lit(run_id)))
-
-    # Row groups of ~rows_per_row_group mels: Petastorm yields one batch per row group.
-    avg_bytes = ctx.read(MELS).select(F.avg(F.col("n_mels") * F.col("n_frames") * 2)).first()[0]
-    # Deterministic shuffle of the rows across files and within them (row groups get mixed tracks).
+    split = (F.when(F.col("reason").isNotNull(), F.lit(REJECTED_SPLIT))
+             .when(is_validation, F.lit(VALIDATION_SPLIT)).otherwise(F.lit(TRAIN_SPLIT)))
+    size = ctx.read(MELS).select(F.sum(F.col("n_mels") * F.col("n_frames") * 2).alias("bytes"),
+                                 F.count("*").alias("rows")).first()
+    avg_bytes = (size["bytes"] or 0) / max(1, size["rows"])
+    parts = training_set_partitions(size["bytes"] or 0, cfg)
     order = F.xxhash64(F.col("track_id"), F.lit(t.seed + 1))
-    parts = cfg.spark.shuffle_partitions
+    staged = (joined.withColumn("split", split)
+              .withColumn("mel", F.when(F.col("split") != REJECTED_SPLIT, F.col("mel")))
+              .withColumn("source_run_id", F.lit(source_run_id)).withColumn("run_id", F.lit(run_id))
+              .repartition(parts, order).sortWithinPartitions(order)
+              .persist(StorageLevel.DISK_ONLY))
+    persisted.append(staged)
 
-    def write(table, rows_df):
-        shuffled = rows_df.repartition(parts, order).sortWithinPartitions(order)
-        return ctx.write(shuffled, table, metadata={"training_set": snapshot_summary},
+    def write(table, name):
+        return ctx.write(staged.where(F.col("split") == name), table, metadata={"training_set": snapshot_summary},
                          rows_per_file=t.rows_per_file, row_group_rows=t.rows_per_row_group,
                          row_bytes=int(avg_bytes or 1))
 
-    rejects = joined.where(F.col("reason").isNotNull()).select(
+    rejects = staged.where(F.col("split") == REJECTED_SPLIT).select(
         "track_id", "reason", "detail", F.lit(run_id).alias("run_id"))
     # One file of a few rows; repartition, not coalesce: coalesce(1) would run the whole
     # factors x mels join (the mel bytes) in a single task.
@@ -345,8 +446,8 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         # target_weight = chol(A_i) / sqrt(n_users): the loss is WPE per user (see module docstring).
         snapshot_summary["wpe"] = {**wpe_info, "loss_scale": f"1/{wpe_info['n_users']} (1/n_users)",
                                    "alpha": cfg.factors.alpha, "epsilon": cfg.factors.epsilon}
-    write(TRAIN_EXAMPLES, examples.where(~F.col("is_validation")))
-    write(VALIDATION_EXAMPLES, examples.where(F.col("is_validation")))
+    write(TRAIN_EXAMPLES, TRAIN_SPLIT)
+    write(VALIDATION_EXAMPLES, VALIDATION_SPLIT)
     built = committed_training_set(ctx.lake, fingerprint)
     if built is None:
         raise RuntimeError("training set was written but its two splits do not match; "

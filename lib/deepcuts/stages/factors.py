@@ -270,9 +270,15 @@ def run(ctx) -> dict:
         summary.update(pairs=stats["pairs"], users=stats["users"], tracks=stats["tracks"],
                        cold_tracks=stats["cold_tracks"] or 0, cold_pairs=stats["cold_pairs"] or 0)
         summary.update(sparse_warm_tracks=stats["sparse_tracks"] or 0, sparse_warm_pairs=stats["sparse_pairs"] or 0)
+        rejects = validated.where(F.col("reason").isNotNull()).select(
+            "user_id", "track_id", F.col("plays_text").alias("plays"), "reason", F.lit(run_id).alias("run_id"))
         if not stats["pairs"]:
+            # The rejected rows still land in their reasons table: an operator fixes them from there.
+            kept = ""
+            if summary["rejected_rows"]:
+                kept = f"; the rows are in plays_rejects v{ctx.write(rejects, PLAYS_REJECTS).version}"
             raise InputMissing(f"factors.plays {fc.plays}: no usable play rows of {summary['input_rows']} "
-                               f"(rejected: {summary['rejected_rows'] or 'none'}); nothing was published")
+                               f"(rejected: {summary['rejected_rows'] or 'none'}){kept}; no factors were published")
         lap("read_validate_index")
 
         model, seconds = fit_als(spark, fit_ratings, fc)
@@ -285,8 +291,6 @@ def run(ctx) -> dict:
         lap("align")
         user_factors, track_factors = published_tables(model, fit_ratings, user_index, track_index,
                                                        fc.min_track_listeners, run_id, rotation)
-        rejects = validated.where(F.col("reason").isNotNull()).select(
-            "user_id", "track_id", F.col("plays_text").alias("plays"), "reason", F.lit(run_id).alias("run_id"))
 
         snaps = {
             USER_FACTORS.name: ctx.write(user_factors, USER_FACTORS),
