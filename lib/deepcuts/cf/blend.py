@@ -165,8 +165,7 @@ def listener_counts(pairs, users):
         .withColumnRenamed("count", "n_listeners")
 
 
-def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float, max_listeners: int,
-                  partitions: int):
+def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float, max_listeners: int):
     """(track_id, factors, n_listeners, has_prior): the blend (``strength``: the relative
     prior strength, ``infer.blend_prior_strength``) of every track with 1 ..
     ``max_listeners`` listeners in ``pairs`` (user_id, track_id, plays) who have a vector in
@@ -190,7 +189,8 @@ def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float
         python_worker_setup()
         yield from blend_partition(batches, gram, reg, s)
 
-    return (listeners.unionByName(prior_rows).repartition(max(1, partitions), "track_id")
+    # spark.shuffle_partitions tasks, not one per core: the listener rows grow with the catalogue
+    return (listeners.unionByName(prior_rows).repartition("track_id")
             .sortWithinPartitions("track_id", "is_prior").mapInPandas(body, BLEND_SCHEMA))
 
 
@@ -215,8 +215,7 @@ def serving_rows(ctx, track_factors, audio_vectors, model_id: str, sources: tupl
     holdout = ctx.read(EVAL_HOLDOUT) if ctx.exists(EVAL_HOLDOUT) else None
     pairs = fit_pairs(ctx.spark, cfg.factors, holdout)
     blended = blend_vectors(pairs, users, audio_vectors.select("track_id", "factors"), gram=gram, fc=cfg.factors,
-                            strength=ic.blend_prior_strength, max_listeners=ic.blend_max_listeners,
-                            partitions=ctx.spark.sparkContext.defaultParallelism) \
+                            strength=ic.blend_prior_strength, max_listeners=ic.blend_max_listeners) \
         .where("has_prior").persist(StorageLevel.MEMORY_AND_DISK)
     null_model = F.lit(None).cast("string").alias("model_id")
     rows = (blended.select("track_id", "factors", F.lit(blend_src).alias("source"), F.lit(model_id).alias("model_id"))
