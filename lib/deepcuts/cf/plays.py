@@ -165,13 +165,12 @@ def validate_plays(raw_df, plays_format: str):
     from pyspark.sql import functions as F
     user, track = stripped_text(F.col("user_id")), stripped_text(F.col("track_id"))
     if plays_format == "events":
-        text, count, plays = F.lit(None).cast("string"), F.lit(1.0), F.lit(None).cast("string")   # no checks
+        text, count, count_reason = F.lit(None).cast("string"), F.lit(1.0), F.lit(None).cast("string")
     else:
         text = F.col("plays").cast("string")
-        plays = plays_reason(text)
-        count = stripped_text(text).cast("double")
+        count, count_reason = stripped_text(text).cast("double"), plays_reason(text)
     reason = (F.when(user.isNull(), F.lit(NULL_USER_ID)).when(track.isNull(), F.lit(NULL_TRACK_ID))
-              .otherwise(plays))
+              .otherwise(count_reason))
     return raw_df.select(user.alias("user_id"), track.alias("track_id"), text.alias("plays_text"),
                          count.alias("_count"), reason.alias("reason")) \
         .select("user_id", "track_id", "plays_text",

@@ -46,7 +46,9 @@ three fits with ``factors.evaluate`` (the upper bound and the warm check); 10^7 
 10^9 pairs ~14 core-hours per fit.  ALS holds its in/out blocks on the executors, never the
 driver.  The alignment adds one join of the new and previous track vectors (128 B each at
 rank 32: 128 MB shuffled at 10^6, 1.3 GB at 10^7) and rank² partial sums per partition to the
-driver; the rotation is one numpy product per Arrow batch.
+driver; the rotation is one numpy product per Arrow batch.  Reading and validating the play
+rows is Spark SQL (no Python per row): at 10^8-10^9 rows one scan plus one shuffle of the
+(user, track, plays) pairs (~40 B each: 4-40 GB).
 """
 from __future__ import annotations
 
