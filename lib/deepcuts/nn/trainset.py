@@ -226,6 +226,10 @@ def wpe_partition(batches, gram: np.ndarray, reg: float, n_users: int):
                              "target_weight": list(weight.reshape(len(ids), -1).astype(np.float32)),
                              "wpe_listeners": np.asarray(n, dtype=np.int64)})
 
+    def emit_carry():
+        track_id, sums, b, n = carry
+        return emit(np.array([track_id], dtype=object), sums[None], b[None], np.array([n]))
+
     for batch in batches:
         if len(batch) == 0:
             continue
@@ -238,12 +242,12 @@ def wpe_partition(batches, gram: np.ndarray, reg: float, n_users: int):
                 b[0] += carry[2]
                 n[0] += carry[3]
             else:
-                yield emit(np.array([carry[0]], dtype=object), carry[1][None], carry[2][None], np.array([carry[3]]))
+                yield emit_carry()
         carry = (ids[-1], sums[-1], b[-1], n[-1])
         if len(ids) > 1:
             yield emit(ids[:-1], sums[:-1], b[:-1], n[:-1])
     if carry is not None:
-        yield emit(np.array([carry[0]], dtype=object), carry[1][None], carry[2][None], np.array([carry[3]]))
+        yield emit_carry()
 
 
 def partial_gram(batches):
