@@ -6,13 +6,17 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import make_config, run_stage, write_arrow
+from conftest import make_config, run_stage, stage_context, write_arrow
 from deepcuts.cf import plays as P
 from deepcuts.cf.plays import rating_column
 from deepcuts.core.lake import lake
 from deepcuts.core.tables import (EVAL_HOLDOUT, EVALUATION_RESULTS, MELS, PLAYS_REJECTS, TRACK_FACTORS,
                              UPPER_BOUND_FACTORS, USER_FACTORS, USER_INDEX)
 from deepcuts.core.lake import read_pandas
+from deepcuts.core.runs import run_summary
+from deepcuts.core.spark import partitions_for_bytes
+from deepcuts.nn import trainset
+from deepcuts.nn.trainset import WPE_ROW_OVERHEAD_BYTES, wpe_partitions
 
 N_USERS, N_TRACKS, N_GROUPS = 240, 96, 4
 TRACK_ID_BASE = 10 ** 12          # 64-bit integer track ids: exercise the id mapping
@@ -120,7 +124,7 @@ def test_rating_column_is_the_pure_transform(spark):
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_factors_stage_evaluates_rejects_and_reruns_idempotently(spark, factors_config):
+def test_factors_stage_evaluates_rejects_and_reruns_idempotently(spark, factors_config, monkeypatch):
     cfg = factors_config
     wh = lake(cfg)
     commit_mels(cfg, [track_id(t) for t in range(N_TRACKS + 2)])
@@ -161,6 +165,17 @@ def test_factors_stage_evaluates_rejects_and_reruns_idempotently(spark, factors_
     assert norms == pytest.approx(np.ones(len(tracks)), abs=1e-5)
     assert group_auc(users, tracks) > 0.9
     assert users["n_tracks"].sum() + len(holdout) == summary["pairs"]
+
+    # the train stage's WPE listener shuffle is sized from this run's pair count, read back
+    # from the manifest; 10^9 pairs of rank 32 get ~1,300 partitions of <= 128 MB, not 16
+    assert run_summary(wh, summary["run_id"])["pairs"] == summary["pairs"]
+    assert run_summary(wh, "no-such-run") == {}
+    monkeypatch.setattr(trainset, "WPE_ROW_OVERHEAD_BYTES", 1 << 20)    # rows of ~1 MB: a few thousand partitions
+    small = cfg.replace(**{"spark.shuffle_partitions": 1, "spark.partition_mb": 1})
+    assert (wpe_partitions(stage_context(spark, small, "train"), cfg.factors.rank)
+            == -(-summary["pairs"] * (4 * cfg.factors.rank + (1 << 20)) // (1 << 20)) > summary["pairs"])
+    assert partitions_for_bytes(10 ** 9 * (4 * 32 + WPE_ROW_OVERHEAD_BYTES), cfg) == 1312
+    assert partitions_for_bytes(0, cfg) == cfg.spark.shuffle_partitions
 
     # a re-run (production mode) replaces every table: no duplicates, nothing held out
     summary2 = run_stage(spark, cfg.replace(**{"factors.evaluate": False}), "factors")

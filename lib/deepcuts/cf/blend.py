@@ -135,16 +135,17 @@ def blend_partition(batches: Iterator[pd.DataFrame], gram: np.ndarray, reg: floa
 
 
 # --- Spark wiring ------------------------------------------------------------------------------
-def user_gram(users) -> np.ndarray:
-    """XᵀX of ``users`` (factors): per-partition sums (the WPE statistics' ``partial_gram``),
-    only rank x rank numbers reach the driver."""
+def user_gram(users) -> tuple[np.ndarray, int]:
+    """(XᵀX, rows) of ``users`` (factors) in one scan: per-partition sums (the WPE statistics'
+    ``partial_gram``), only rank x rank numbers reach the driver."""
     from deepcuts.nn.trainset import partial_gram
     partials = users.select("factors").mapInPandas(partial_gram, "gram array<double>, n long").collect()
     if not partials:
-        raise RuntimeError("no user factors: run the factors stage first")
+        from deepcuts.core.errors import InputMissing
+        raise InputMissing("table user_factors is empty: run the factors stage first")
     gram = np.sum([np.asarray(r["gram"], dtype=np.float64) for r in partials], axis=0)
     rank = int(round(np.sqrt(gram.size)))
-    return gram.reshape(rank, rank)
+    return gram.reshape(rank, rank), int(sum(r["n"] for r in partials))
 
 
 def fit_pairs(spark, fc, holdout=None):
@@ -211,7 +212,7 @@ def serving_rows(ctx, track_factors, audio_vectors, model_id: str, sources: tupl
     if not ctx.exists(USER_FACTORS):
         return None, {"mode": "threshold", "why": "no user_factors table"}
     users = ctx.read(USER_FACTORS).select("user_id", "factors")
-    gram = user_gram(users)
+    gram, _ = user_gram(users)
     holdout = ctx.read(EVAL_HOLDOUT) if ctx.exists(EVAL_HOLDOUT) else None
     pairs = fit_pairs(ctx.spark, cfg.factors, holdout)
     blended = blend_vectors(pairs, users, audio_vectors.select("track_id", "factors"), gram=gram, fc=cfg.factors,

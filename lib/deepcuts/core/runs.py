@@ -90,6 +90,21 @@ def last_succeeded(lk: lakeio.Lake, stage: str) -> dict | None:
             "input_fingerprint": summary.get("input_fingerprint")}
 
 
+def run_summary(lk: lakeio.Lake, run_id: str) -> dict:
+    """The summary a stage run recorded in the manifest ({} if the run or its summary is not there)."""
+    dt = lk.delta(RUNS.name)
+    if dt is None or not run_id:
+        return {}
+    import pyarrow.dataset as ds
+    rows = dt.to_pyarrow_dataset().to_table(columns=["summary_json"],
+                                            filter=ds.field("run_id") == run_id).column("summary_json")
+    texts = [t for t in rows.to_pylist() if t]
+    try:
+        return json.loads(texts[-1]) if texts else {}
+    except ValueError:
+        return {}
+
+
 @dataclass
 class StageRun:
     """What a stage function works with (see the module docstring)."""

@@ -138,6 +138,12 @@ def apply_runtime_conf(spark, cfg: Config) -> None:
 ARROW_BATCH_ROWS = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
+def partitions_for_bytes(n_bytes: int, cfg: Config) -> int:
+    """Partitions of a shuffle of ``n_bytes``: ``spark.shuffle_partitions``, or more so that
+    none holds over ``spark.partition_mb``."""
+    return max(cfg.spark.shuffle_partitions, -(-int(n_bytes) // (cfg.spark.partition_mb << 20)))
+
+
 def arrow_batch_rows(cfg: Config, rows: str) -> int:
     """Rows per Arrow batch for ``rows`` = "mel" (a mel is ~330 kB: small batches) or
     "vector" (play pairs, factor vectors: large batches, or the Python work per batch and the

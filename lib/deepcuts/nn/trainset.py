@@ -34,6 +34,8 @@ from deepcuts.core.config import Config
 from deepcuts.core.errors import InputMissing
 from deepcuts.nn.model import frames_for_seconds
 from deepcuts.core.lake import Lake
+from deepcuts.core.runs import run_summary
+from deepcuts.core.spark import partitions_for_bytes
 from deepcuts.core.tables import (ALL_TABLES, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_REJECTS, USER_FACTORS,
                      VALIDATION_EXAMPLES)
 
@@ -56,6 +58,8 @@ TRAIN_SPLIT, VALIDATION_SPLIT, REJECTED_SPLIT = "train", "validation", "rejected
 
 # wpe: ridge added to A_i before Cholesky, relative to its mean eigenvalue (trace / rank).
 WPE_RIDGE = 1e-6
+# wpe: a listener row's bytes beside its float32 factors (track id, confidence, UnsafeRow headers).
+WPE_ROW_OVERHEAD_BYTES = 48
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,19 @@ class TrainingSet:
 
 
 def training_set_partitions(mel_bytes: int, cfg: Config) -> int:
-    """Partitions of the training-set shuffle: ``spark.shuffle_partitions``, or more so that
-    none holds over ``spark.partition_mb`` of mels (10^7 tracks of 30 s mels are ~3.3 TB:
-    a fixed count would put gigabytes in each task)."""
-    return max(cfg.spark.shuffle_partitions, -(-int(mel_bytes) // (cfg.spark.partition_mb << 20)))
+    """Partitions of the training-set shuffle (10^7 tracks of 30 s mels are ~3.3 TB: a fixed
+    count would put gigabytes in each task)."""
+    return partitions_for_bytes(mel_bytes, cfg)
+
+
+def wpe_partitions(ctx, rank: int) -> int:
+    """Partitions of the WPE listener shuffle, from the published fit's pair count (the factors
+    run's summary; its pairs include the held-out ones, an upper bound) x a listener row's
+    bytes: a hit track's listeners are streamed, but 10^9 pairs in a fixed 16 tasks would
+    still spill ~10 GB each."""
+    run = ctx.version_info(TRACK_FACTORS)
+    pairs = run_summary(ctx.lake, run[0]).get("pairs") if run else None
+    return partitions_for_bytes(int(pairs or 0) * (4 * rank + WPE_ROW_OVERHEAD_BYTES), ctx.cfg)
 
 
 def crop_frames_for(cfg: Config) -> int:
@@ -277,10 +290,7 @@ def wpe_statistics_frame(ctx, track_ids_df):
     from deepcuts.core.tables import EVAL_HOLDOUT
     spark, fc = ctx.spark, ctx.cfg.factors
     users = ctx.read(USER_FACTORS).select("user_id", "factors")
-    n_users = users.count()
-    if n_users == 0:
-        raise InputMissing("train.loss = \"wpe\" needs user_factors: run the factors stage first")
-    gram = user_gram(users)           # shipped to executors inside the closure: rank^2 doubles
+    gram, n_users = user_gram(users)  # gram is shipped to executors inside the closure: rank^2 doubles
     reg = float(fc.reg)
     holdout = ctx.read(EVAL_HOLDOUT) if ctx.exists(EVAL_HOLDOUT) else None
     listened = (fit_pairs(spark, fc, holdout).join(track_ids_df.select("track_id").distinct(), "track_id", "left_semi")
@@ -294,7 +304,7 @@ def wpe_statistics_frame(ctx, track_ids_df):
         python_worker_setup()
         yield from wpe_partition(batches, gram, reg, n_users)
 
-    stats = (listened.repartition(ctx.cfg.spark.shuffle_partitions, "track_id").sortWithinPartitions("track_id")
+    stats = (listened.repartition(wpe_partitions(ctx, gram.shape[0]), "track_id").sortWithinPartitions("track_id")
              .mapInPandas(body, WPE_SCHEMA))
     return stats, {"n_users": n_users, "rank": gram.shape[0], "reg": reg}
 
@@ -338,6 +348,12 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
                              F.col("hop_length"), F.lit(crop_frames))
     mels = mels.withColumn("reason", reason).withColumn("detail", detail)
 
+    # mel bytes from two columns (no mel read): they size the one shuffle below
+    size = ctx.read(MELS).select(F.sum(F.col("n_mels") * F.col("n_frames") * 2).alias("bytes"),
+                                 F.count("*").alias("rows")).first()
+    avg_bytes = (size["bytes"] or 0) / max(1, size["rows"])
+    parts = training_set_partitions(size["bytes"] or 0, cfg)
+
     cold_tracks = None
     if inputs["eval_holdout"] is not None and COLD_HOLDOUT_TABLE in ALL_TABLES:
         cold_tracks = (ctx.read(ALL_TABLES[COLD_HOLDOUT_TABLE])
@@ -373,7 +389,10 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
             "target_reason", F.when(no_plays, F.lit(NO_PLAYS))
             .when(F.col("target").isNull() | (F.size("target") == 0) | ~finite | ~finite_weight,
                   F.lit(BAD_TARGET)))
-        joined = factors.join(mels, "track_id", "left")
+        # Both sides hashed by track_id into the byte-sized partition count: the join needs no
+        # shuffle of its own, so the mel bytes move once (this is also the final layout).
+        joined = (factors.repartition(parts, "track_id")
+                  .join(mels.repartition(parts, "track_id"), "track_id", "left"))
         if wpe_info is not None:
             out_dim = wpe_info["rank"]
         else:
@@ -405,27 +424,23 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
         out_dim = len(label_names)
         vocab = F.array(*[F.lit(n) for n in label_names])
         multi_hot = F.transform(vocab, lambda name: F.array_contains("label_list", name).cast("float"))
-        joined = mels.withColumn("target", multi_hot) \
+        joined = mels.repartition(parts, "track_id").withColumn("target", multi_hot) \
                      .withColumn("target_weight", F.lit(None).cast("array<float>"))
         wpe_info = None
         source_run_id = inputs["mels"][0]
 
-    # One scan of the join: every row gets its split (rejects drop their mel bytes), and the
-    # rows are shuffled once, by a deterministic hash (row groups get mixed tracks), into
-    # byte-sized partitions kept on the executors' disks; the three writes only filter them.
+    # One scan of the join: every row gets its split (rejects drop their mel bytes); the join's
+    # hash partitions are sorted by a seeded hash (row groups get mixed tracks) and kept on the
+    # executors' disks; the three writes only filter them.
     bucket = F.pmod(F.xxhash64(F.lit(str(t.seed)), F.col("track_id")), F.lit(HASH_BUCKETS))
     is_validation = bucket < F.lit(int(round(t.validation_fraction * HASH_BUCKETS)))
     split = (F.when(F.col("reason").isNotNull(), F.lit(REJECTED_SPLIT))
              .when(is_validation, F.lit(VALIDATION_SPLIT)).otherwise(F.lit(TRAIN_SPLIT)))
-    size = ctx.read(MELS).select(F.sum(F.col("n_mels") * F.col("n_frames") * 2).alias("bytes"),
-                                 F.count("*").alias("rows")).first()
-    avg_bytes = (size["bytes"] or 0) / max(1, size["rows"])
-    parts = training_set_partitions(size["bytes"] or 0, cfg)
     order = F.xxhash64(F.col("track_id"), F.lit(t.seed + 1))
     staged = (joined.withColumn("split", split)
               .withColumn("mel", F.when(F.col("split") != REJECTED_SPLIT, F.col("mel")))
               .withColumn("source_run_id", F.lit(source_run_id)).withColumn("run_id", F.lit(run_id))
-              .repartition(parts, order).sortWithinPartitions(order)
+              .sortWithinPartitions(order)
               .persist(StorageLevel.DISK_ONLY))
     persisted.append(staged)
 

@@ -166,8 +166,10 @@ def run(ctx) -> dict:
         source = mels.join(fit_ids, "track_id", "left_semi")
         if share < 1.0:
             source = source.where(hash_unit(bc.seed, "track_id") < F.lit(share))
+        # The sample is bounded (kmeans_max_frames) but sits in the few file splits of mels it
+        # came from (3 tasks at 8,000 short tracks): spread it so every K-means pass uses every core.
         frames = source.mapInPandas(_frame_sampler(bc), "features array<float>") \
-            .persist(StorageLevel.MEMORY_AND_DISK)
+            .repartition(ctx.cfg.spark.shuffle_partitions).persist(StorageLevel.MEMORY_AND_DISK)
         persisted.append(frames)
         frame_moments = sum_moments(frames, lambda b: B.cross_moments(np.stack(b["features"].to_numpy())))
         if frame_moments is None:

@@ -229,7 +229,7 @@ def sparse_vectors(ctx, predictor: str, pop: ev.Population, cnn, strength: float
         ic = ctx.cfg.infer
         pairs = fit_pairs(ctx.spark, ctx.cfg.factors, ctx.read(EVAL_HOLDOUT)) \
             .join(pop.candidates, "track_id", "left_semi")
-        blended = blend_vectors(pairs, users, audio, gram=user_gram(users), fc=ctx.cfg.factors,
+        blended = blend_vectors(pairs, users, audio, gram=user_gram(users)[0], fc=ctx.cfg.factors,
                                 strength=ic.blend_prior_strength if strength is None else strength,
                                 max_listeners=ic.blend_max_listeners).select("track_id", "factors")
         return users, blended.unionByName(audio.join(blended, "track_id", "left_anti")), model_id

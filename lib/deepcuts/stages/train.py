@@ -15,12 +15,14 @@
    under ``models/`` but ``models/LATEST`` keeps naming the served one.
 
 Cost: the training-set build is a join of ``mels`` with the factors, i.e. the mel bytes
-read and shuffled once (~330 GB at 10^6 tracks of 30 s excerpts, ~3.3 TB at 10^7) into
-partitions of ``spark.partition_mb``, kept on the executors' local disks (the same bytes
-again) while the train, validation and reject splits are written from it as Petastorm row
-groups; with ``train.loss = "wpe"`` the fit's play pairs are shuffled by track once more
-(~40 B a pair) and streamed per track (rank^2 doubles held per task); each epoch then reads every training mel once (the same bytes again,
-streamed, a few row groups in memory).  The forward/backward pass dominates: at the
+read and shuffled once (~330 GB at 10^6 tracks of 30 s excerpts, ~3.3 TB at 10^7): both
+sides are hashed by track into partitions of ``spark.partition_mb``, so the join is also
+the final layout, kept on the executors' local disks (the same bytes again) while the
+train, validation and reject splits are written from it as Petastorm row groups; with
+``train.loss = "wpe"`` the fit's play pairs are shuffled by track once more (4 x rank + 48
+B a pair, partitions sized from the factors run's pair count) and streamed per track
+(rank^2 doubles held per task); each epoch then reads every training mel once (the same
+bytes again, streamed, a few row groups in memory).  The forward/backward pass dominates: at the
 measured 226 crops/s on this 2-core CPU an epoch of 10^6 tracks is ~74 min, on a GPU (the
 default 6.5 M-parameter network) minutes; 10^7 tracks x10, which is what multi-GPU
 training is for.  The promotion gate adds one validation pass of the served model
