@@ -42,6 +42,20 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def python_processes(pids) -> list[int]:
+    """The Python ones of ``pids``: the JVM also forks short-lived ``jspawnhelper`` children
+    (to start commands), whose VmHWM reads as the JVM's own for the instant before their exec."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().startswith("python"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 class SparkMemory:
     """While a phase runs, samples every ``interval`` s the peaks of this driver process, the
     JVM (driver + executors in local mode) and its Python workers (its descendants: the
@@ -59,7 +73,7 @@ class SparkMemory:
         while not self._stop.is_set():
             self.driver_mb = max(self.driver_mb, _proc_status_mb(self._me, "VmHWM"))
             self.jvm_mb = max(self.jvm_mb, _proc_status_mb(self.jvm_pid, "VmHWM"))
-            workers = _descendants(self.jvm_pid)
+            workers = python_processes(_descendants(self.jvm_pid))
             if workers:
                 self.worker_mb = max(self.worker_mb, max(_proc_status_mb(p, "VmHWM") for p in workers))
                 self.workers_total_mb = max(self.workers_total_mb, sum(_proc_status_mb(p, "VmRSS") for p in workers))

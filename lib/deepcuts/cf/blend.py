@@ -166,12 +166,14 @@ def listener_counts(pairs, users):
         .withColumnRenamed("count", "n_listeners")
 
 
-def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float, max_listeners: int):
+def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float, max_listeners: int,
+                  partitions: int):
     """(track_id, factors, n_listeners, has_prior): the blend (``strength``: the relative
     prior strength, ``infer.blend_prior_strength``) of every track with 1 ..
     ``max_listeners`` listeners in ``pairs`` (user_id, track_id, plays) who have a vector in
     ``users`` (user_id, factors).  ``priors`` (track_id, factors): audio vectors in the ALS
-    space (a track without one gets its usage half-step, ``has_prior`` false)."""
+    space (a track without one gets its usage half-step, ``has_prior`` false).  The solves
+    run in ``partitions`` tasks (``spark.shuffle_partitions``)."""
     from pyspark.sql import functions as F
     from deepcuts.cf.plays import rating_column
     users = users.select("user_id", "factors")
@@ -190,8 +192,9 @@ def blend_vectors(pairs, users, priors, *, gram: np.ndarray, fc, strength: float
         python_worker_setup()
         yield from blend_partition(batches, gram, reg, s)
 
-    # spark.shuffle_partitions tasks, not one per core: the listener rows grow with the catalogue
-    return (listeners.unionByName(prior_rows).repartition("track_id")
+    # An explicit count: without one, adaptive execution coalesces the shuffle by bytes, and
+    # listener rows are small while the solve per track is not (2 tasks at 10^5 tracks).
+    return (listeners.unionByName(prior_rows).repartition(partitions, "track_id")
             .sortWithinPartitions("track_id", "is_prior").mapInPandas(body, BLEND_SCHEMA))
 
 
@@ -216,7 +219,8 @@ def serving_rows(ctx, track_factors, audio_vectors, model_id: str, sources: tupl
     holdout = ctx.read(EVAL_HOLDOUT) if ctx.exists(EVAL_HOLDOUT) else None
     pairs = fit_pairs(ctx.spark, cfg.factors, holdout)
     blended = blend_vectors(pairs, users, audio_vectors.select("track_id", "factors"), gram=gram, fc=cfg.factors,
-                            strength=ic.blend_prior_strength, max_listeners=ic.blend_max_listeners) \
+                            strength=ic.blend_prior_strength, max_listeners=ic.blend_max_listeners,
+                            partitions=cfg.spark.shuffle_partitions) \
         .where("has_prior").persist(StorageLevel.MEMORY_AND_DISK)
     null_model = F.lit(None).cast("string").alias("model_id")
     rows = (blended.select("track_id", "factors", F.lit(blend_src).alias("source"), F.lit(model_id).alias("model_id"))

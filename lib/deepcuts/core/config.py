@@ -51,7 +51,7 @@ class SparkConf:
     shuffle_partitions: int = rule(min=1)
     arrow_batch_rows: int = rule(min=1, doc="rows per Arrow batch for mel-sized rows")
     arrow_batch_rows_vectors: int = rule(min=1, doc="rows per Arrow batch for play pairs and factor vectors")
-    partition_mb: int = rule(min=1, doc="target size of a shuffle partition of mel-sized rows")
+    partition_mb: int = rule(min=1, doc="target size of a shuffle partition (the training set, the WPE listener rows)")
 
 
 @dataclass(frozen=True)

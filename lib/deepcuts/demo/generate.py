@@ -25,6 +25,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -143,16 +144,23 @@ def _render_all(demo: DemoConf, specs: list[TrackSpec], catalogue_dir: Path) -> 
 
 
 # ---------------------------------------------------------------- simulated listeners
-def simulate_listeners(demo: DemoConf, track_styles: np.ndarray, user_chunk: int = 4096
+def simulate_listeners(demo: DemoConf, track_styles: np.ndarray, user_chunk: int = 4096, *,
+                       style_names: Sequence[str] | None = None, track_ids: Sequence[str] | None = None
                        ) -> tuple[pa.Table, pa.Table]:
     """(users, plays) tables: taste mixtures, heavy-tailed activity, power-law track appeal,
     repeat listens that grow with the user's affinity for the track.
 
     ``track_styles`` holds each track's style index.  Users are simulated in chunks so memory is
-    bounded by chunk x tracks, not users x tracks.
+    bounded by chunk x tracks, not users x tracks.  ``style_names`` (default: the first
+    ``demo.n_styles`` synthetic styles) and ``track_ids`` (default: ``t000000``, ...) let another
+    catalogue reuse the listeners (``bench/fixtures/game_music.py``: styles = game packages).
     """
     rng = np.random.default_rng([demo.seed, LISTENER_STREAM])
-    n_tracks, n_styles = len(track_styles), demo.n_styles
+    if style_names is None:
+        style_names = STYLE_NAMES[: demo.n_styles]
+    if track_ids is None:
+        track_ids = [track_id(i) for i in range(len(track_styles))]
+    n_tracks, n_styles = len(track_styles), len(style_names)
     # Power-law appeal within each style (a few hits, a long tail), normalised per style.
     appeal = np.empty(n_tracks)
     for s in range(n_styles):
@@ -189,9 +197,9 @@ def simulate_listeners(demo: DemoConf, track_styles: np.ndarray, user_chunk: int
     t = np.concatenate(tracks)
     c = np.concatenate(counts).astype(np.int64)
     plays_table = pa.table({"user_id": pa.array([user_id(i) for i in u], pa.string()),
-                            "track_id": pa.array([track_id(i) for i in t], pa.string()),
+                            "track_id": pa.array([track_ids[i] for i in t], pa.string()),
                             "plays": pa.array(c, pa.int64())}, schema=PLAYS_SCHEMA)
-    style_names = np.asarray(STYLE_NAMES[:n_styles])
+    style_names = np.asarray(style_names)
     users_table = pa.table({
         "user_id": pa.array([user_id(i) for i in range(demo.n_users)], pa.string()),
         "taste": pa.array(list(taste.astype(np.float32)), pa.list_(pa.float32())),
@@ -202,13 +210,15 @@ def simulate_listeners(demo: DemoConf, track_styles: np.ndarray, user_chunk: int
 
 
 # ---------------------------------------------------------------- writing
-def _replace_parquet(table: pa.Table, path: Path) -> None:
+def replace_parquet(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` through a temp file and ``os.replace``: never half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def _replace_csv(rows: list[tuple], header: tuple[str, ...], path: Path) -> None:
+def replace_csv(rows: list[tuple], header: tuple[str, ...], path: Path) -> None:
+    """``header`` and ``rows`` to ``path`` as CSV, atomically (as :func:`replace_parquet`)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -239,11 +249,11 @@ def generate(demo: DemoConf) -> dict:
 
     style_index = {name: i for i, name in enumerate(STYLE_NAMES)}
     users, plays = simulate_listeners(demo, np.array([style_index[s.style] for s in specs]))
-    _replace_csv([(s.track_id, s.style) for s in specs], ("track_id", "style"), out / "labels.csv")
-    _replace_parquet(users, out / "users.parquet")
-    _replace_parquet(plays, out / "plays.parquet")
+    replace_csv([(s.track_id, s.style) for s in specs], ("track_id", "style"), out / "labels.csv")
+    replace_parquet(users, out / "users.parquet")
+    replace_parquet(plays, out / "plays.parquet")
     # The manifest goes last: it is what says the catalogue is complete.
-    _replace_csv([(s.track_id, s.uri, s.style) for s in specs], ("track_id", "uri", "labels"),
+    replace_csv([(s.track_id, s.uri, s.style) for s in specs], ("track_id", "uri", "labels"),
                  catalogue_dir / "manifest.csv")
     stale = _remove_stale_audio(catalogue_dir / "audio", {catalogue_dir / s.uri for s in specs})
 

@@ -357,7 +357,10 @@ def evaluate_predictor(population: Population, user_vectors, track_vectors, *, p
         else:
             rows = rows.withColumn("excluded", F.lit(None).cast("array<string>"))
         blocks = spark.range(pop.n_cblocks).select(F.col("id").cast("int").alias("cblock"))
-        tasks = rows.crossJoin(blocks)
+        # One (cblock, ublock) group a task: adaptive execution would coalesce this shuffle by
+        # bytes, and user rows are small while scoring one against a block is not (2 tasks at
+        # 10^5 tracks, 20,000 users); an explicit hash partitioning is kept, and the groupBy reuses it.
+        tasks = rows.crossJoin(blocks).repartition(pop.n_ublocks * pop.n_cblocks, "cblock", "ublock")
         final = pop.n_cblocks == 1
         partial = tasks.groupBy("cblock", "ublock").applyInPandas(
             _block_task(path, rank, k, final), PER_USER_SCHEMA if final else PARTIAL_SCHEMA)

@@ -231,7 +231,8 @@ def sparse_vectors(ctx, predictor: str, pop: ev.Population, cnn, strength: float
             .join(pop.candidates, "track_id", "left_semi")
         blended = blend_vectors(pairs, users, audio, gram=user_gram(users)[0], fc=ctx.cfg.factors,
                                 strength=ic.blend_prior_strength if strength is None else strength,
-                                max_listeners=ic.blend_max_listeners).select("track_id", "factors")
+                                max_listeners=ic.blend_max_listeners,
+                                partitions=ctx.cfg.spark.shuffle_partitions).select("track_id", "factors")
         return users, blended.unionByName(audio.join(blended, "track_id", "left_anti")), model_id
     raise ValueError(f"unknown sparse-warm predictor {predictor!r}")
 

@@ -22,8 +22,8 @@ train, validation and reject splits are written from it as Petastorm row groups;
 ``train.loss = "wpe"`` the fit's play pairs are shuffled by track once more (4 x rank + 48
 B a pair, partitions sized from the factors run's pair count) and streamed per track
 (rank^2 doubles held per task); each epoch then reads every training mel once (the same
-bytes again, streamed, a few row groups in memory).  The forward/backward pass dominates: at the
-measured 226 crops/s on this 2-core CPU an epoch of 10^6 tracks is ~74 min, on a GPU (the
+bytes again, streamed, a few row groups in memory).  The forward/backward pass dominates:
+at the measured 226 crops/s on this 2-core CPU an epoch of 10^6 tracks is ~74 min, on a GPU (the
 default 6.5 M-parameter network) minutes; 10^7 tracks x10, which is what multi-GPU
 training is for.  The promotion gate adds one validation pass of the served model
 (``train.validation_fraction`` of the tracks).
