@@ -309,7 +309,7 @@ def report(results, labels, variants, seeds, tracks, ingest, rejects, args) -> N
         upper_auc = s[s["predictor"] == "upper_bound"].set_index(["seed", "variant"])["auc"]
         per_seed = s.groupby("seed").agg(users=("users", "max"), candidates=("candidates", "max"))
         print(f"\nsplit {split} ({'the test split' if split == 'cold' else 'where defaults are chosen'}): "
-              f"{len(seeds)} seeds, candidates per seed {list(per_seed['candidates'])}, users {list(per_seed['users'])}"
+              f"{s['seed'].nunique()} of {len(seeds)} seeds, candidates per seed {list(per_seed['candidates'])}, users {list(per_seed['users'])}"
               f"; mean ± sd over seeds")
         header = f"{'predictor':22s} {'AUC':>17s} {f'mAP@{k}':>17s} {'AUC gap closed':>17s}"
         if split == "cold":
