@@ -46,12 +46,16 @@ FOLD_SECTIONS = ("ingest.", "factors.", "evaluate.", "warehouse.")
 
 
 def parse_pairs(pairs, where: str) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or "." not in key:
-            raise SystemExit(f"{where} {pair!r}: expected section.key=value")
-        out[key.strip()] = value.strip()
+    """``section.key=value`` pairs as the jobs' ``--set`` reads them (``deepcuts.core.cli.overrides``)."""
+    from deepcuts.core.cli import overrides
+    from deepcuts.core.config import ConfigError
+    try:
+        out = overrides(pairs)
+    except ConfigError as e:   # its message names --set already
+        raise SystemExit(str(e) if where == "--set" else f"{where} {e}")
+    undotted = [k for k in out if "." not in k]
+    if undotted:
+        raise SystemExit(f"{where} {undotted}: expected section.key=value")
     return out
 
 

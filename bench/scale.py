@@ -500,14 +500,11 @@ def print_figure(fig: dict, cores: int) -> None:
 
 # --- main ----------------------------------------------------------------------------------
 def parse_set(text: str):
-    import tomllib
+    from deepcuts.core.config import parse_override_value
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"--set {text!r}: expected section.key=value")
-    try:
-        return key.strip(), tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value
+    return key.strip(), parse_override_value(value)
 
 
 def main() -> int:

@@ -82,10 +82,7 @@ def last_succeeded(lk: lakeio.Lake, stage: str) -> dict | None:
     if not done:
         return None
     last = max(done, key=lambda r: r["ended_at"])
-    try:
-        summary = json.loads(last["summary_json"] or "{}")
-    except ValueError:
-        summary = {}
+    summary = _summary(last["summary_json"])
     return {**last, "tables_read": dict(last["tables_read"] or []), "tables_written": dict(last["tables_written"] or []),
             "input_fingerprint": summary.get("input_fingerprint")}
 
@@ -99,8 +96,13 @@ def run_summary(lk: lakeio.Lake, run_id: str) -> dict:
     rows = dt.to_pyarrow_dataset().to_table(columns=["summary_json"],
                                             filter=ds.field("run_id") == run_id).column("summary_json")
     texts = [t for t in rows.to_pylist() if t]
+    return _summary(texts[-1] if texts else None)
+
+
+def _summary(text: str | None) -> dict:
+    """A manifest row's ``summary_json`` as a dict ({} if empty or unreadable)."""
     try:
-        return json.loads(texts[-1]) if texts else {}
+        return json.loads(text or "{}")
     except ValueError:
         return {}
 

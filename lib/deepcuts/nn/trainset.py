@@ -81,12 +81,6 @@ class TrainingSet:
     loss: str = "mse"                 # "wpe": examples carry target_weight, targets are raw-scale
 
 
-def training_set_partitions(mel_bytes: int, cfg: Config) -> int:
-    """Partitions of the training-set shuffle (10^7 tracks of 30 s mels are ~3.3 TB: a fixed
-    count would put gigabytes in each task)."""
-    return partitions_for_bytes(mel_bytes, cfg)
-
-
 def wpe_partitions(ctx, rank: int) -> int:
     """Partitions of the WPE listener shuffle, from the published fit's pair count (the factors
     run's summary; its pairs include the held-out ones, an upper bound) x a listener row's
@@ -348,11 +342,12 @@ def _build_training_set(ctx, persisted: list) -> TrainingSet:
                              F.col("hop_length"), F.lit(crop_frames))
     mels = mels.withColumn("reason", reason).withColumn("detail", detail)
 
-    # mel bytes from two columns (no mel read): they size the one shuffle below
+    # Mel bytes from two columns (no mel read) size the one shuffle below: 10^7 tracks of 30 s
+    # mels are ~3.3 TB, and a fixed partition count would put gigabytes in each task.
     size = ctx.read(MELS).select(F.sum(F.col("n_mels") * F.col("n_frames") * 2).alias("bytes"),
                                  F.count("*").alias("rows")).first()
     avg_bytes = (size["bytes"] or 0) / max(1, size["rows"])
-    parts = training_set_partitions(size["bytes"] or 0, cfg)
+    parts = partitions_for_bytes(size["bytes"] or 0, cfg)
 
     cold_tracks = None
     if inputs["eval_holdout"] is not None and COLD_HOLDOUT_TABLE in ALL_TABLES:
