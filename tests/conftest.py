@@ -20,6 +20,9 @@ SMALL_DEMO = {
     "demo.min_seconds": 6.0, "demo.max_seconds": 9.0, "demo.mean_plays_per_user": 40.0,
     "ingest.excerpt_seconds": 8.0, "ingest.rows_per_row_group": 16, "ingest.partitions": 4,
     "spark.shuffle_partitions": 4,
+    # The stage tests exercise the CNN's training loop (epochs, resume, processes, faults); the
+    # default (train.model = "auto": ridge at this size) runs in test_ridge.py.
+    "train.model": "cnn",
 }
 
 

@@ -126,6 +126,10 @@ class FactorsConf:
 
 @dataclass(frozen=True)
 class TrainConf:
+    model: str = rule(choices=("auto", "cnn", "ridge"),
+                      doc="cnn: trained by SGD; ridge: random conv features + ridge; auto: by training-set size")
+    auto_ridge_below_tracks: int = rule(min=0, doc="model = auto: ridge below this many training tracks, else cnn")
+    ridge_penalties: list[float] = rule(doc="ridge: penalties tried (x the feature count), chosen on validation")
     target: str = rule(choices=("factors", "labels"))
     loss: str = rule(choices=("mse", "wpe"))
     crop_seconds: float = rule(min=0.5)

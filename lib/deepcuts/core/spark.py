@@ -173,3 +173,44 @@ def checkpoint_dir(cfg: Config) -> str:
         return cfg.spark.checkpoint_dir
     from deepcuts.core.lake import lake
     return lake(cfg).spark_uri("_checkpoints")
+
+
+def _encode_moments(moments: dict) -> bytes:
+    import io
+    import numpy as np
+    buf = io.BytesIO()
+    np.savez(buf, **moments)
+    return buf.getvalue()
+
+
+def _decode_moments(blob: bytes) -> dict:
+    import io
+    import numpy as np
+    with np.load(io.BytesIO(blob)) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _add_moments(x: dict, y: dict) -> dict:
+    return {key: x[key] + y[key] for key in x}
+
+
+def sum_moments(df, partial) -> dict | None:
+    """Sum ``partial(pandas batch) -> dict of arrays`` (e.g. ``cf.baseline.cross_moments``) over
+    every row of ``df``: one encoded partial per partition, added pairwise on the executors
+    (``treeReduce``), so the driver receives one sum, never the rows.  None for no rows."""
+    import pandas as pd
+
+    def per_partition(batches):
+        python_worker_setup()
+        total = None
+        for batch in batches:
+            if len(batch):
+                got = partial(batch)
+                total = got if total is None else _add_moments(total, got)
+        if total is not None:
+            yield pd.DataFrame({"blob": [_encode_moments(total)]})
+
+    parts = df.mapInPandas(per_partition, "blob binary").rdd.map(lambda row: _decode_moments(bytes(row["blob"])))
+    if parts.isEmpty():
+        return None
+    return parts.treeReduce(_add_moments, depth=2)

@@ -6,6 +6,16 @@ time, concatenated), two dense layers and a linear output.  Pooling is global, s
 number of frames >= ``min_frames`` goes through the same model: a 3 s training crop and a
 whole 30 s excerpt alike.
 
+Two kinds (``train.model``):
+
+* ``"cnn"``: the above, trained end to end by SGD on random crops (``stages.train``).
+* ``"ridge"``: the same conv stack left at its random initialisation (Pons & Serra 2019:
+  an untrained CNN's pooled features beat MFCCs on small datasets), the normalised mel and
+  every conv block pooled over time (mean, max, root-mean-square: length-independent, so a
+  30 s excerpt and a 3 s window give comparable features), and one linear layer fitted in
+  closed form by ridge regression (:mod:`deepcuts.nn.ridge`).  The mel's pooled bands carry
+  the MFCC statistics linearly (an MFCC is a DCT of the log-mel).
+
 Artifact layout under the warehouse root::
 
     models/<model_id>/model.pt     torch.save of the state dict only (loaded with weights_only)
@@ -22,6 +32,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import posixpath
 import re
 from dataclasses import dataclass
@@ -41,6 +52,7 @@ WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"
 ARTIFACT_FORMAT = 1
 TARGETS = ("factors", "labels")
+MODEL_KINDS = ("cnn", "ridge")
 
 
 class ModelArtifactError(InputMissing):
@@ -68,11 +80,16 @@ def normalise(mels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 
 # --- the network --------------------------------------------------------------------------
-def pool_over_time(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean, max and L2-norm over ``dim``, concatenated along dim 1 (the channels), in
-    float32: the L2 norm of a long excerpt overflows float16."""
+def pool_over_time(x: torch.Tensor, dim: int, spread: str = "l2") -> torch.Tensor:
+    """Mean, max and L2-norm (``spread="l2"``, Dieleman) or root-mean-square (``"rms"``: the
+    L2 norm / sqrt(frames), which does not grow with the excerpt's length) over ``dim``,
+    concatenated along dim 1 (the channels), in float32: the L2 norm of a long excerpt
+    overflows float16."""
     x = x.float()
-    return torch.cat([x.mean(dim=dim), x.amax(dim=dim), torch.linalg.vector_norm(x, dim=dim)], dim=1)
+    norm = torch.linalg.vector_norm(x, dim=dim)
+    if spread == "rms":
+        norm = norm / math.sqrt(x.shape[dim])
+    return torch.cat([x.mean(dim=dim), x.amax(dim=dim), norm], dim=1)
 
 
 class GlobalTemporalPooling(nn.Module):
@@ -83,16 +100,25 @@ class GlobalTemporalPooling(nn.Module):
 
 
 class FactorCNN(nn.Module):
-    """Mel spectrogram [B, n_mels, T] -> latent factors (or label logits) [B, out_dim]."""
+    """Mel spectrogram [B, n_mels, T] -> latent factors (or label logits) [B, out_dim].
+
+    ``kind="cnn"``: Dieleman's network (module docstring).  ``kind="ridge"``: the conv stack
+    is not trained; ``pooled`` concatenates the pooled input and every conv block, and
+    ``output`` is the linear ridge solution on those features (no dense layers)."""
 
     def __init__(self, n_mels: int, out_dim: int, conv_channels: Sequence[int], conv_kernel: int,
-                 pool_sizes: Sequence[int], dense_units: int, dropout: float, target: str = "factors"):
+                 pool_sizes: Sequence[int], dense_units: int, dropout: float, target: str = "factors",
+                 kind: str = "cnn"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target {target!r}: expected one of {TARGETS}")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model kind {kind!r}: expected one of {MODEL_KINDS}")
+        if kind == "ridge" and target != "factors":
+            raise ValueError("a ridge model regresses factors; a labels target needs the cnn")
         if len(conv_channels) != len(pool_sizes):
             raise ValueError("one pool size per conv layer is needed")
-        self.target = target
+        self.target, self.kind = target, kind
         self.n_mels = n_mels
         self.out_dim = out_dim
         self.min_frames = min_frames(conv_kernel, pool_sizes)
@@ -103,25 +129,46 @@ class FactorCNN(nn.Module):
             in_channels = channels
         self.convs = nn.Sequential(*layers)
         self.pool = GlobalTemporalPooling()
-        self.dense = nn.Sequential(
-            nn.Linear(3 * in_channels, dense_units), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(dense_units, dense_units), nn.ReLU(), nn.Dropout(dropout))
-        self.output = nn.Linear(dense_units, out_dim)
+        if kind == "ridge":
+            self.pooled_dim = 3 * (n_mels + sum(conv_channels))
+            self.dense = nn.Identity()
+            self.output = nn.Linear(self.pooled_dim, out_dim)
+        else:
+            self.pooled_dim = 3 * in_channels
+            self.dense = nn.Sequential(
+                nn.Linear(3 * in_channels, dense_units), nn.ReLU(), nn.Dropout(dropout),
+                nn.Linear(dense_units, dense_units), nn.ReLU(), nn.Dropout(dropout))
+            self.output = nn.Linear(dense_units, out_dim)
 
     @classmethod
     def from_train_conf(cls, train_conf: Mapping[str, Any], n_mels: int, out_dim: int) -> "FactorCNN":
-        """Build from a ``TrainConf`` (or its dict, as stored in ``meta['train']``)."""
-        get = train_conf.get if isinstance(train_conf, Mapping) else lambda k: getattr(train_conf, k)
+        """Build from a ``TrainConf`` (or its dict, as stored in ``meta['train']``).  The kind is
+        ``train.model``; the train stage resolves ``"auto"`` by the training set's size before
+        it builds, so "auto" here (a conf used directly, an artifact older than the key) is
+        the cnn."""
+        get = train_conf.get if isinstance(train_conf, Mapping) else lambda k: getattr(train_conf, k, None)
+        kind = str(get("model") or "auto")
+        kind = "cnn" if kind == "auto" else kind
         return cls(n_mels=n_mels, out_dim=out_dim, conv_channels=list(get("conv_channels")),
                    conv_kernel=int(get("conv_kernel")), pool_sizes=list(get("pool_sizes")),
                    dense_units=int(get("dense_units")), dropout=float(get("dropout")),
-                   target=str(get("target")))
+                   target=str(get("target")), kind=kind)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised mels [B, n_mels, T] -> the pooled features the head reads [B, pooled_dim]."""
+        if x.shape[-1] < self.min_frames:
+            raise ValueError(f"input has {x.shape[-1]} frames; the model needs at least {self.min_frames}")
+        if self.kind == "cnn":
+            return self.pool(self.convs(x))
+        parts = [pool_over_time(x, dim=2, spread="rms")]
+        for start in range(0, len(self.convs), 3):
+            x = self.convs[start + 2](self.convs[start + 1](self.convs[start](x)))
+            parts.append(pool_over_time(x, dim=2, spread="rms"))
+        return torch.cat(parts, dim=1)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The penultimate layer: the track embedding of a label-trained model."""
-        if x.shape[-1] < self.min_frames:
-            raise ValueError(f"input has {x.shape[-1]} frames; the model needs at least {self.min_frames}")
-        return self.dense(self.pool(self.convs(x)))
+        return self.dense(self.pooled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(x))
@@ -246,12 +293,13 @@ class Scorer:
     The 1-D convolutions run as 2-D convolutions over channels-last [B, C, 1, T] tensors,
     oneDNN's fast path on CPU (1.3x float32, and bfloat16 takes AMX); the weights are cast
     once to the compute dtype instead of autocasting every call.  Global pooling runs in
-    float32 (a long excerpt's L2 norm overflows float16).
+    float32 (a long excerpt's L2 norm overflows float16), and so does a ridge model's linear
+    head: its weights carry the feature standardisation, whose offsets cancel in bfloat16.
 
     Windows share one pass of the conv stack: with valid convolutions and floor pooling, a
     window starting at a multiple of the total pooling stride sees exactly a slice of the
-    whole excerpt's conv features, so the mean over windows costs one pass, not one per
-    window (tests check it against scoring each window alone).
+    whole excerpt's features at every layer, so the mean over windows costs one pass, not
+    one per window (tests check it against scoring each window alone).
     """
 
     def __init__(self, model: FactorCNN, dtype: torch.dtype, device: torch.device):
@@ -264,18 +312,26 @@ class Scorer:
                                conv.bias.detach().to(device, dtype), int(pool.kernel_size)))
         self.kernel = int(layers[0].kernel_size[0])
         self.stride = int(np.prod([pool for _, _, pool in self.convs]))
-        self.head = copy.deepcopy(nn.Sequential(model.dense, model.output) if model.target == "factors"
-                                  else model.dense).to(device, dtype).eval()
+        self.ridge = model.kind == "ridge"
+        self.spread = "rms" if self.ridge else "l2"
+        if self.ridge:
+            self.head_dtype = torch.float32
+            self.head = copy.deepcopy(model.output).to(device, torch.float32).eval()
+        else:
+            self.head_dtype = dtype
+            self.head = copy.deepcopy(nn.Sequential(model.dense, model.output) if model.target == "factors"
+                                      else model.dense).to(device, dtype).eval()
 
-    def out_frames(self, frames: int) -> int:
-        """Conv feature frames left from ``frames`` input frames."""
-        for _, _, pool in self.convs:
+    def out_frames(self, frames: int, blocks: int | None = None) -> int:
+        """Feature frames left from ``frames`` input frames after ``blocks`` conv blocks (all)."""
+        for _, _, pool in self.convs[:blocks]:
             frames = (frames - self.kernel + 1) // pool
         return frames
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised mels [B, n_mels, T] -> conv features [B, C, L] (compute dtype)."""
+    def layer_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised mels [B, n_mels, T] -> every conv block's output [B, C, L] (compute dtype)."""
         x = x.to(self.dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        out = []
         for weight, bias, pool in self.convs:
             y = F.conv2d(x, weight, bias)                  # [B, C, 1, T], laid out as [B, T, C]
             batch, channels, _, frames = y.shape
@@ -283,22 +339,36 @@ class Scorer:
             y = y.permute(0, 2, 3, 1)[:, 0, :frames].reshape(batch, frames // pool, pool, channels)
             # ReLU after the max: they commute, and it then touches 1/pool of the values.
             x = F.relu(y.amax(dim=2)).permute(0, 2, 1).unsqueeze(2)
-        return x.squeeze(2)
+            out.append(x.squeeze(2))
+        return out
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised mels [B, n_mels, T] -> the last conv block's features [B, C, L]."""
+        return self.layer_features(x)[-1]
+
+    def _pooled_layers(self, x: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+        """(features, stride in input frames, blocks applied) of every pooled layer."""
+        feats = self.layer_features(x)
+        if not self.ridge:
+            return [(feats[-1], self.stride, len(self.convs))]
+        strides = np.cumprod([pool for _, _, pool in self.convs]).tolist()
+        return [(x, 1, 0)] + [(f, int(s), i + 1) for i, (f, s) in enumerate(zip(feats, strides))]
 
     def vectors(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Normalised mels -> float32 track vectors: one pass, or the mean over windows."""
-        feats = self.features(x)
+        layers = self._pooled_layers(x)
         if window is None or x.shape[-1] <= window:
-            pooled = pool_over_time(feats, dim=2)                             # [B, 3C]
-            return self.head(pooled.to(self.dtype)).float()
-        starts = window_starts(x.shape[-1], window, self.stride)
-        width = self.out_frames(window)
-        index = torch.tensor(starts, device=feats.device)[:, None] // self.stride \
-            + torch.arange(width, device=feats.device)                        # [K, width]
-        assert int(index.max()) < feats.shape[-1], "window past the excerpt's conv features"
-        pooled = pool_over_time(feats[:, :, index], dim=3)                    # [B, C, K, width] -> [B, 3C, K]
+            pooled = torch.cat([pool_over_time(f, dim=2, spread=self.spread) for f, _, _ in layers], dim=1)
+            return self.head(pooled.to(self.head_dtype)).float()
+        starts = torch.tensor(window_starts(x.shape[-1], window, self.stride), device=x.device)
+        parts = []
+        for feats, stride, blocks in layers:
+            index = starts[:, None] // stride + torch.arange(self.out_frames(window, blocks), device=x.device)
+            assert int(index.max()) < feats.shape[-1], "window past the excerpt's features"
+            parts.append(pool_over_time(feats[:, :, index], dim=3, spread=self.spread))  # [B, 3C, K]
+        pooled = torch.cat(parts, dim=1)
         batch, n_windows = pooled.shape[0], pooled.shape[2]
-        out = self.head(pooled.transpose(1, 2).reshape(batch * n_windows, -1).to(self.dtype))
+        out = self.head(pooled.transpose(1, 2).reshape(batch * n_windows, -1).to(self.head_dtype))
         return out.float().reshape(batch, n_windows, -1).mean(dim=1)
 
 

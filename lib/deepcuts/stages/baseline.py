@@ -25,7 +25,6 @@ tracks and k = 256, spilled to disk by Spark).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Iterator
 
@@ -34,6 +33,7 @@ import pandas as pd
 
 from deepcuts.cf import baseline as B
 from deepcuts.core.runs import Laps
+from deepcuts.core.spark import sum_moments
 from deepcuts.core.tables import BASELINE_FACTORS, BASELINE_REJECTS, MELS, TRACK_FACTORS, VALIDATION_EXAMPLES
 
 log = logging.getLogger(__name__)
@@ -41,37 +41,6 @@ log = logging.getLogger(__name__)
 
 HIST_SCHEMA = "track_id string, hist array<float>, reason string, detail string"
 
-
-
-def _encode(moments: dict) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **moments)
-    return buf.getvalue()
-
-
-def _decode(blob: bytes) -> dict:
-    with np.load(io.BytesIO(blob)) as data:
-        return {k: data[k] for k in data.files}
-
-
-def sum_moments(df, partial) -> dict | None:
-    """Sum ``partial(pandas batch) -> cross_moments dict`` over every row of ``df``: one
-    encoded partial per partition, added pairwise on the executors (``treeReduce``)."""
-    def per_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from deepcuts.core.spark import python_worker_setup
-        python_worker_setup()
-        total = None
-        for batch in batches:
-            if len(batch):
-                got = partial(batch)
-                total = got if total is None else B.add_moments(total, got)
-        if total is not None:
-            yield pd.DataFrame({"blob": [_encode(total)]})
-
-    parts = df.mapInPandas(per_partition, "blob binary").rdd.map(lambda row: _decode(bytes(row["blob"])))
-    if parts.isEmpty():
-        return None
-    return parts.treeReduce(B.add_moments, depth=2)
 
 
 def _features(row, bc) -> np.ndarray:

@@ -2,7 +2,11 @@
 
 1. ``trainset.build_training_set`` (Spark) joins mels with their targets, splits by track hash,
    keeps the cold-start tracks out and materialises Parquet for Petastorm.
-2. ``train_model`` (plain torch, no Spark) streams random crops through ``loader.EpochReader``,
+2. ``train.model`` picks the model (``resolve_model_kind``; ``"auto"`` by the training set's
+   size).  ``"ridge"``: ``fit_ridge_model`` runs the random conv stack once over both splits
+   on the executors and fits the linear head in closed form (:mod:`deepcuts.nn.ridge`; ~30
+   core-hours at 10^6 tracks, ~300 at 10^7, the driver holding d x d moments only).
+   ``"cnn"``: ``train_model`` (plain torch, no Spark) streams random crops through ``loader.EpochReader``,
    with per-band normalisation computed once on the training set.  CUDA with mixed precision
    when present, else CPU, one code path.  A checkpoint after every epoch; a re-run with the
    same training set and config resumes from the last one (a corrupted one is refused).
@@ -54,7 +58,8 @@ from deepcuts.nn.loader import (EpochReader, ShortEpochError, band_statistics, b
                                 band_sums, epoch_plan, row_group_rows, shard_rows)
 from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
 from deepcuts.core.storage import filesystem_for, read_bytes, write_bytes_atomic
-from deepcuts.core.tables import FACTOR_ALIGNMENTS, MELS, TRACK_FACTORS, TRAIN_METRICS
+from deepcuts.core.tables import (FACTOR_ALIGNMENTS, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_METRICS,
+                                  VALIDATION_EXAMPLES)
 from deepcuts.cf.align import current_lineage, model_space
 from deepcuts.nn.promotion import comparable, promote, training_due
 from deepcuts.nn.trainset import TrainingSet, build_training_set
@@ -68,7 +73,7 @@ METRICS_FILE = "metrics.jsonl"
 # Keys that change neither the examples nor the optimisation: a run may resume across them.
 # ``processes`` / ``lr_scaling`` are among them: a run resumes on any number of processes (the
 # checkpoint records the learning-rate factor it ran with and the rate is rescaled on resume).
-RESUMABLE_ACROSS = ("resume", "evaluate", "loader_workers", "epoch_retries", "device", "patience",
+RESUMABLE_ACROSS = ("auto_ridge_below_tracks", "ridge_penalties", "resume", "evaluate", "loader_workers", "epoch_retries", "device", "patience",
                     "retrain_every_days", "retrain_change_fraction", "promotion_tolerance", "require_promotion",
                     "processes", "local_mode", "lr_scaling", "distributed_timeout_s", "fault_kill_rank_at_batch")
 
@@ -297,6 +302,8 @@ def train_model(cfg: Config, ts: TrainingSet, lk, run_id: str, device: torch.dev
     TorchDistributor (:func:`distributed_rank_main`); the best weights then come from the
     checkpoint rank 0 wrote."""
     t = cfg.train
+    if t.model == "ridge":
+        raise ValueError("train_model trains the cnn; a ridge model is fitted by fit_ridge_model")
     ckpt_dir = checkpoint_dir(lk, checkpoint_key(t, ts.fingerprint))
     if t.processes > 1:
         return _train_distributed(cfg, ts, ckpt_dir, run_id, echo)
@@ -535,6 +542,92 @@ def _train_loop(cfg: Config, ts: TrainingSet, ckpt_dir: str, run_id: str, device
                        stopped_early=stopped_early, device=device.type, checkpoint_dir=ckpt_dir, extra=extra)
 
 
+# --- train.model = "ridge" ----------------------------------------------------------------------
+def ridge_unsupported(t: TrainConf) -> str | None:
+    """Why the ridge model cannot fit this configuration's targets (None: it can)."""
+    if t.target != "factors":
+        return "a labels target needs the cnn (the ridge model regresses factors)"
+    if t.loss != "mse":
+        return f"train.loss = {t.loss!r} needs the cnn (the ridge model fits the mse targets)"
+    return None
+
+
+def candidate_kinds(t: TrainConf, train_rows: int) -> tuple[list[str], str]:
+    """The models to fit for ``train.model`` and this many training tracks, and why.  ``auto``
+    below ``auto_ridge_below_tracks``: both, and the one with the lower validation loss is
+    kept (``choose_kind``); at or above it, the cnn alone (the ridge pass over a large
+    catalogue costs about a CNN epoch, and nothing has measured it winning there)."""
+    if t.model != "auto":
+        return [t.model], f"train.model = {t.model!r}"
+    unsupported = ridge_unsupported(t)
+    if unsupported:
+        return ["cnn"], f"auto: {unsupported}"
+    if train_rows < t.auto_ridge_below_tracks:
+        return ["ridge", "cnn"], (f"auto: {train_rows} training tracks < train.auto_ridge_below_tracks = "
+                                  f"{t.auto_ridge_below_tracks}: both fitted")
+    return ["cnn"], f"auto: {train_rows} training tracks >= train.auto_ridge_below_tracks = {t.auto_ridge_below_tracks}"
+
+
+def choose_kind(losses: dict[str, float | None]) -> str:
+    """The kind with the least validation loss (the first listed on a tie: ridge, the cheaper);
+    without validation losses (no validation tracks), the cnn."""
+    known = {k: v for k, v in losses.items() if v is not None}
+    if not known:
+        return "cnn"
+    return min(known, key=lambda k: (known[k], list(losses).index(k)))
+
+
+def fit_ridge_model(ctx, cfg: Config, ts: TrainingSet, run_id: str, echo=print) -> TrainResult:
+    """The ridge model (:mod:`deepcuts.nn.ridge`): band statistics as for the CNN, then one
+    pass of the random conv stack over both splits on the executors and a closed-form fit."""
+    from deepcuts.nn import ridge
+    t = cfg.train
+    _set_seeds(t.seed)
+    model = FactorCNN.from_train_conf(t, n_mels=ts.n_mels, out_dim=ts.out_dim).eval()
+    started = time.time()
+    mel_mean, mel_std = band_statistics(ts.train_files, ts.train_rows, ts.n_mels, ts.crop_frames, t.seed,
+                                        workers=t.loader_workers, empty_epoch_retries=t.epoch_retries)
+    train_m = ridge.split_moments(ctx.read(TRAIN_EXAMPLES), model, mel_mean, mel_std)
+    val_m = ridge.split_moments(ctx.read(VALIDATION_EXAMPLES), model, mel_mean, mel_std) if ts.validation_rows else None
+    got = (int(train_m["n"]) if train_m else 0, int(val_m["n"]) if val_m else 0)
+    if got != (ts.train_rows, ts.validation_rows):
+        raise RuntimeError(f"the ridge pass read {got[0]} train / {got[1]} validation rows, training set "
+                           f"{ts.run_id} holds {ts.train_rows} / {ts.validation_rows}")
+    fitted = ridge.fit(train_m, val_m, t.ridge_penalties)
+    ridge.set_head(model, fitted)
+    seconds = time.time() - started
+    model_id = f"ridge-{run_id.split('-', 1)[-1]}"
+    validation_loss = fitted.validation_loss if fitted.validation_loss is not None else fitted.train_loss
+    echo(f"train: ridge on {fitted.used_features} of {fitted.features} pooled random-conv features, penalty "
+         f"{fitted.penalty:g} (by {fitted.chosen_by}): train loss {fitted.train_loss:.5f}, validation "
+         f"{validation_loss:.5f}, {seconds:.1f} s")
+    history = [{"model_id": model_id, "epoch": 1, "train_loss": fitted.train_loss, "validation_loss": validation_loss,
+                "train_rows": ts.train_rows, "validation_rows": ts.validation_rows, "crops_per_s": None,
+                "learning_rate": None, "seconds": seconds, "run_id": run_id}]
+    extra = {"ridge": {"penalty": fitted.penalty, "chosen_by": fitted.chosen_by, "features": fitted.features,
+                       "used_features": fitted.used_features,
+                       "losses": {f"{p:g}": {k: (None if v is None else round(v, 6)) for k, v in row.items()}
+                                  for p, row in fitted.losses.items()}}}
+    return TrainResult(model=model, model_id=model_id, mel_mean=mel_mean, mel_std=mel_std, history=history,
+                       best_epoch=1, best_validation_loss=validation_loss, resumed_from_epoch=None,
+                       stopped_early=False, device="cpu (executors)",
+                       checkpoint_dir=checkpoint_dir(ctx.lake, checkpoint_key(t, ts.fingerprint)), extra=extra)
+
+
+def excerpt_gate_losses(ctx, result: TrainResult, meta: dict, lk, current_id: str, current: dict) -> tuple[float, float]:
+    """(new, served) validation loss on whole excerpts (``ridge.excerpt_loss``), for a gate
+    where either model is a ridge model."""
+    from deepcuts.nn import ridge
+    from deepcuts.nn.model import WEIGHTS_FILE, ModelArtifactError, model_dir
+    examples = ctx.read(VALIDATION_EXAMPLES)
+    served_path = posixpath.join(model_dir(lk, current_id), WEIGHTS_FILE)
+    served_weights = read_bytes(served_path)
+    if served_weights is None:
+        raise ModelArtifactError(f"model weights {served_path} are missing")
+    return (ridge.excerpt_loss(examples, ridge.state_bytes(result.model), meta),
+            ridge.excerpt_loss(examples, served_weights, current))
+
+
 # --- several processes ------------------------------------------------------------------------
 def _shard_plan(ts: TrainingSet, t: TrainConf, world: int) -> dict:
     """Each rank's Petastorm shard sizes (from row-group metadata) and the epoch plan: the same
@@ -739,6 +832,9 @@ def run(ctx) -> dict:
     spark, cfg, run_id, lk = ctx.spark, ctx.cfg, ctx.run_id, ctx.lake
     t = cfg.train
     make_loss(t)  # an unusable loss/target combination fails before any Spark work
+    if t.model == "ridge" and ridge_unsupported(t):
+        from deepcuts.core.config import ConfigError
+        raise ConfigError(f"train.model = 'ridge': {ridge_unsupported(t)}")
     from deepcuts.stages.content import check_train_target
     check_train_target(cfg)   # target factors without plays: a configuration error (exit 2)
     current_id, current = served_model(lk)
@@ -754,21 +850,43 @@ def run(ctx) -> dict:
     if not due.due:
         return {"skipped": due.reason, "model_id": current_id, "model_space": space}
     ts = build_training_set(ctx)
+    kinds, kind_reason = candidate_kinds(t, ts.train_rows)
     device = resolve_device(t.device)
     echo = lambda line: print(line, file=sys.stdout, flush=True)  # noqa: E731
     echo(f"train: {ts.train_rows} train / {ts.validation_rows} validation tracks, target {ts.target} "
-         f"({ts.out_dim} outputs), {ts.crop_frames}-frame crops, device {device.type}")
-    result = train_model(cfg, ts, lk, run_id, device, echo=echo)
+         f"({ts.out_dim} outputs), model {' and '.join(kinds)} ({kind_reason}), {ts.crop_frames}-frame crops, "
+         f"device {device.type}")
+    fitted = {}
+    for kind in kinds:
+        # the artifact records the kind it is
+        cfg_kind = dataclasses.replace(cfg, train=dataclasses.replace(t, model=kind))
+        fitted[kind] = (cfg_kind, fit_ridge_model(ctx, cfg_kind, ts, run_id, echo=echo) if kind == "ridge"
+                        else train_model(cfg_kind, ts, lk, run_id, device, echo=echo))
+    auto_losses = None
+    if len(kinds) > 1:
+        # one yardstick for both: each model on the validation tracks' whole excerpts, as served
+        from deepcuts.nn import ridge
+        examples = ctx.read(VALIDATION_EXAMPLES)
+        auto_losses = {k: (ridge.excerpt_loss(examples, ridge.state_bytes(r.model), artifact_meta(c, ts, r))
+                           if ts.validation_rows else None) for k, (c, r) in fitted.items()}
+        kind = choose_kind(auto_losses)
+        kind_reason += ", kept by validation loss on whole excerpts (" + ", ".join(
+            f"{k} {v:.5f}" if v is not None else f"{k} n/a" for k, v in auto_losses.items()) + ")"
+        echo(f"train: {kind} kept ({kind_reason})")
+    cfg, result = fitted[kind]
+    t = cfg.train
 
     # The promotion gate: the served model is scored on the same validation tracks.  Published
     # only once complete and promoted: LATEST moves last.  (Evaluated by the evaluate stage.)
-    meta = {**artifact_meta(cfg, ts, result), "trained_on": trained_on}
+    meta = {**artifact_meta(cfg, ts, result), "trained_on": trained_on, **result.extra}
     incomparable = comparable(current, meta, space) or (None if ts.validation_rows else "no validation tracks")
-    current_loss = None
-    if incomparable is None:
+    current_loss, new_loss = None, result.best_validation_loss
+    if incomparable is None and "ridge" in (kind, current["train"].get("model") or "cnn"):
+        new_loss, current_loss = excerpt_gate_losses(ctx, result, meta, lk, current_id, current)
+    elif incomparable is None:
         from deepcuts.nn.model import model_dir
         current_loss = validation_loss_of(model_dir(lk, current_id), ts, t, device)
-    decision = promote(result.best_validation_loss, current_loss, t.promotion_tolerance, current_id, incomparable)
+    decision = promote(new_loss, current_loss, t.promotion_tolerance, current_id, incomparable)
     meta["promotion"] = decision.as_summary()
     echo(f"train: {decision.decision}: {decision.reason}")
     artifact_dir = save_artifact(lk, result.model_id, result.model, meta, publish=decision.promoted)
@@ -794,7 +912,12 @@ def run(ctx) -> dict:
     summary["cold_start"] = ("not evaluated (labels target: embeddings are not in the ALS space)"
                              if ts.target == "labels" else "see the evaluate stage (evaluation_results)")
     summary["due"] = due.reason
-    if result.extra:   # train.processes > 1: the shards and the epoch plan the ranks ran
+    summary["model"] = f"{kind} ({kind_reason})"
+    if auto_losses is not None:
+        summary["auto_validation_losses"] = {k: None if v is None else round(v, 6) for k, v in auto_losses.items()}
+    if "ridge" in result.extra:
+        summary["ridge"] = result.extra["ridge"]
+    elif result.extra:   # train.processes > 1: the shards and the epoch plan the ranks ran
         summary["distributed"] = result.extra
     summary["promotion"] = decision.as_summary()
     if not decision.promoted and t.require_promotion:
