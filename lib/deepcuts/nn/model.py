@@ -231,6 +231,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """``model.pt``'s bytes: ``torch.save`` of the state dict only (CPU tensors), what
+    ``torch.load(..., weights_only=True)`` reads back."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
 def save_artifact(lk, model_id: str, model: FactorCNN, meta: Mapping[str, Any], publish: bool = True) -> str:
     """Write weights then meta (with the weights' checksum), then (``publish``) point LATEST at
     the model; the train stage publishes only after evaluating the saved artifact."""
@@ -238,9 +246,7 @@ def save_artifact(lk, model_id: str, model: FactorCNN, meta: Mapping[str, Any], 
     missing = [k for k in required if k not in meta]
     if missing:
         raise ValueError(f"artifact meta lacks {missing}")
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    weights = buf.getvalue()
+    weights = state_dict_bytes(model)
     folder = model_dir(lk, model_id)
     write_bytes_atomic(posixpath.join(folder, WEIGHTS_FILE), weights)
     full_meta = {**_jsonable(dict(meta)), "model_id": model_id, "format": ARTIFACT_FORMAT,

@@ -123,19 +123,12 @@ def pooled_features(model, mels: Sequence[np.ndarray], mel_mean: np.ndarray, mel
     return out
 
 
-def state_bytes(model) -> bytes:
-    import torch
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
 def split_moments(examples_df, model, mel_mean: np.ndarray, mel_std: np.ndarray) -> dict | None:
     """``cross_moments(pooled features, target)`` summed over a training split's rows (a Spark
     frame of ``train_examples`` / ``validation_examples``) on the executors."""
     from deepcuts.core.spark import sum_moments
-    from deepcuts.nn.model import FactorCNN
-    weights = examples_df.sparkSession.sparkContext.broadcast(state_bytes(model))
+    from deepcuts.nn.model import FactorCNN, state_dict_bytes
+    weights = examples_df.sparkSession.sparkContext.broadcast(state_dict_bytes(model))
     spec = dict(n_mels=model.n_mels, out_dim=model.out_dim, target=model.target, kind=model.kind,
                 conv_channels=[m.out_channels for m in model.convs[0::3]],
                 conv_kernel=int(model.convs[0].kernel_size[0]),

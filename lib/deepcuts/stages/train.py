@@ -56,7 +56,7 @@ from deepcuts.core.config import Config, TrainConf, to_dict
 from deepcuts.core.faults import OFF, Switches, inject, switches
 from deepcuts.nn.loader import (EpochReader, ShortEpochError, band_statistics, band_statistics_from_sums,
                                 band_sums, epoch_plan, row_group_rows, shard_rows)
-from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact
+from deepcuts.nn.model import FactorCNN, normalise, resolve_device, save_artifact, state_dict_bytes
 from deepcuts.core.storage import filesystem_for, read_bytes, write_bytes_atomic
 from deepcuts.core.tables import (FACTOR_ALIGNMENTS, MELS, TRACK_FACTORS, TRAIN_EXAMPLES, TRAIN_METRICS,
                                   VALIDATION_EXAMPLES)
@@ -624,7 +624,7 @@ def excerpt_gate_losses(ctx, result: TrainResult, meta: dict, lk, current_id: st
     served_weights = read_bytes(served_path)
     if served_weights is None:
         raise ModelArtifactError(f"model weights {served_path} are missing")
-    return (ridge.excerpt_loss(examples, ridge.state_bytes(result.model), meta),
+    return (ridge.excerpt_loss(examples, state_dict_bytes(result.model), meta),
             ridge.excerpt_loss(examples, served_weights, current))
 
 
@@ -867,7 +867,7 @@ def run(ctx) -> dict:
         # one yardstick for both: each model on the validation tracks' whole excerpts, as served
         from deepcuts.nn import ridge
         examples = ctx.read(VALIDATION_EXAMPLES)
-        auto_losses = {k: (ridge.excerpt_loss(examples, ridge.state_bytes(r.model), artifact_meta(c, ts, r))
+        auto_losses = {k: (ridge.excerpt_loss(examples, state_dict_bytes(r.model), artifact_meta(c, ts, r))
                            if ts.validation_rows else None) for k, (c, r) in fitted.items()}
         kind = choose_kind(auto_losses)
         kind_reason += ", kept by validation loss on whole excerpts (" + ", ".join(
