@@ -39,8 +39,9 @@ from fixtures import game_music
 
 PER_SEED_STAGES = ("factors",)
 PER_VARIANT_STAGES = ("train", "baseline", "infer", "evaluate")
-PREDICTORS = ("random", "baseline", "cnn", "upper_bound")
-PREDICTOR_NAMES = {"random": "random", "baseline": "MFCC baseline", "cnn": "CNN", "upper_bound": "upper bound"}
+PREDICTORS = ("random", "baseline", "cnn", "metadata", "upper_bound")
+PREDICTOR_NAMES = {"random": "random", "baseline": "MFCC baseline", "cnn": "CNN", "upper_bound": "upper bound",
+                   "metadata": "CNN + metadata prior"}
 # A variant compares CNNs on the same catalogue, plays and folds: keys that would change those are refused.
 FOLD_SECTIONS = ("ingest.", "factors.", "evaluate.", "warehouse.")
 
@@ -126,6 +127,7 @@ def label_precision(vectors: dict[str, np.ndarray], queries: list[str], pool: li
 
 def read_vectors(lake, spark, predictor: str, model_id: str | None, eval_seed: int, track_ids: list[str]):
     """{track_id: vector} of ``predictor`` as the evaluate stage scored it."""
+    import pandas as pd
     from deepcuts.core.lake import read_pandas
     if predictor == "random":
         from deepcuts.evaluation.runner import random_track_vectors
@@ -136,9 +138,13 @@ def read_vectors(lake, spark, predictor: str, model_id: str | None, eval_seed: i
     if predictor == "baseline":
         rows = read_pandas(lake, "baseline_factors", columns=["track_id", "factors", "run_id"])
         rows = rows[rows["run_id"] == model_id] if model_id else rows
-    elif predictor == "cnn":
+    elif predictor in ("cnn", "metadata"):
         rows = read_pandas(lake, "predicted_factors", columns=["track_id", "factors", "model_id"])
         rows = rows[rows["model_id"] == model_id]
+        if predictor == "metadata":   # the served prior where a cold track has one (cosine: scale-free)
+            served = read_pandas(lake, "serving_factors", columns=["track_id", "factors", "source"])
+            served = served[served["source"] == "metadata"]
+            rows = pd.concat([rows[~rows["track_id"].isin(served["track_id"])], served])
     elif predictor == "upper_bound":
         rows = read_pandas(lake, "upper_bound_factors", columns=["entity", "entity_id", "factors", "run_id"])
         rows = rows[(rows["entity"] == "track") & ((rows["run_id"] == model_id) if model_id else True)] \
@@ -264,8 +270,12 @@ def main() -> int:
                                        "precision": _num(precision), "chance": _num(chance), "k": int(k),
                                        "queries": len(cold)})
                 cnn = cold_rows.loc["cnn"] if "cnn" in cold_rows.index else None
+                prior = summaries["infer"].get("serving_metadata_prior", {}).get("levels") or {}
                 print(f"seed {seed} {name}: {len(cold)} cold tracks, CNN cold AUC "
-                      f"{cnn['auc'] if cnn is not None else float('nan'):.4f}", flush=True)
+                      f"{cnn['auc'] if cnn is not None else float('nan'):.4f}; metadata prior served to "
+                      f"{summaries['infer'].get('serving_by_source', {}).get('metadata', 0)} tracks, weights "
+                      + ", ".join(f"{lv} {f.get('weight')} ({f.get('validation_tracks')} validation tracks)"
+                                  for lv, f in prior.items()), flush=True)
                 # after every variant, so a later failure keeps what was measured (--report re-prints it)
                 (root / "results.json").write_text(json.dumps({
                     "results": results, "labels": labels, "variants": variants, "seeds": seeds,
@@ -303,6 +313,7 @@ def report(results, labels, variants, seeds, tracks, ingest, rejects, args) -> N
         """(label, variant, predictor) in table order: the shared predictors once, a CNN row per variant."""
         out = [(PREDICTOR_NAMES["random"], "default", "random"), (PREDICTOR_NAMES["baseline"], "default", "baseline")]
         out += [("CNN" if n == "default" else f"CNN [{n}]", n, "cnn") for n, _ in variants]
+        out.append((PREDICTOR_NAMES["metadata"], "default", "metadata"))
         out.append((PREDICTOR_NAMES["upper_bound"], "default", "upper_bound"))
         return out
 

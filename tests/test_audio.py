@@ -45,11 +45,15 @@ def test_resampled_decode_matches_librosa_load(tmp_path):
     assert np.max(np.abs(d.signal - ref)) < 1e-4
 
 
-def test_whole_excerpt_keeps_the_full_track(tmp_path):
+def test_whole_excerpt_keeps_the_full_track_up_to_its_bound(tmp_path):
     path = write_audio(tmp_path / "x.wav", seconds=9.0, rate=22050, channels=1)
     p = MelParams(**{**PARAMS.__dict__, "excerpt": "whole", "excerpt_seconds": 5.0})
     feats = audio.featurise(path.read_bytes(), p, ".wav")
     assert feats.excerpt_offset_s == 0.0 and feats.mel.shape[1] == 1 + 9 * 22050 // 512
+    # ingest.whole_max_seconds bounds what a row holds: a longer track keeps that much from its middle
+    bounded = MelParams(**{**p.__dict__, "whole_max_seconds": 4.0})
+    feats = audio.featurise(path.read_bytes(), bounded, ".wav")
+    assert feats.excerpt_offset_s == pytest.approx(2.5, abs=1e-3) and feats.mel.shape[1] == 1 + 4 * 22050 // 512
 
 
 def test_every_hostile_file_is_rejected_with_its_reason(tmp_path):

@@ -107,7 +107,7 @@ def test_the_table_equals_the_numpy_reference_on_the_demo(spark, chain):
             positives = {u: [] for u in users}
             for r in pop.positives.collect():
                 positives[r["user_id"]].append(r["track_id"])
-            for predictor in PREDICTORS:
+            for predictor in PREDICTORS + (("metadata",) if split == "cold" else ()):   # metadata: cold only
                 user_df, track_df, _ = E.predictor_vectors(ctx, predictor, split, pop, cnn)
                 uvec = {r["user_id"]: np.asarray(r["factors"], float) for r in user_df.collect()}
                 tvec = {r["track_id"]: np.asarray(r["factors"], float)

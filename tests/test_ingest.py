@@ -171,18 +171,18 @@ def test_a_crash_between_two_commits_is_invisible_to_readers_and_the_rerun_compl
     assert stage_context(spark, r["cfg"], "ingest").pinned_version(MELS) == r["wh"].version("mels")
 
 
-def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
+def test_manifest_source_with_labels_metadata_bad_rows_and_duplicates(spark, tmp_path):
     cat = tmp_path / "cat"
     write_audio(cat / "audio/a.mp3", seconds=5.0, seed=1)
     write_audio(cat / "audio/b.flac", seconds=5.0, seed=2)
-    (cat / "manifest.csv").write_text(
-        "track_id,uri,labels\n"
-        "ta,audio/a.mp3,rock\n"
-        f"tb,{cat / 'audio/b.flac'},jazz\n"
-        "tb,audio/a.mp3,dup\n"
-        ",audio/a.mp3,no-id\n"
-        "tc,,no-uri\n"
-        "td,audio/missing.ogg,gone\n")
+    manifest = ("track_id,uri,labels,artist,album\n"
+                "ta,audio/a.mp3,rock,  The Band ,First\n"
+                f"tb,{cat / 'audio/b.flac'},jazz,,\n"
+                "tb,audio/a.mp3,dup,Dup Artist,\n"
+                ",audio/a.mp3,no-id,x,y\n"
+                "tc,,no-uri,,\n"
+                "td,audio/missing.ogg,gone,,Lost Album\n")
+    (cat / "manifest.csv").write_text(manifest)
     cfg = _config(tmp_path).replace(**{"ingest.source": str(cat / "manifest.csv")})
     summary = run_stage(spark, cfg, "ingest")
     wh = lake(cfg)
@@ -194,9 +194,22 @@ def test_manifest_source_with_labels_bad_rows_and_duplicates(spark, tmp_path):
     assert sorted(rej["reason"]) == ["bad_manifest_row", "bad_manifest_row", "duplicate_track_id", "source_missing"]
     assert set(rej.loc[rej.reason == "source_missing", "track_id"]) == {"td"}
     assert summary["rejected"] == {"bad_manifest_row": 2, "duplicate_track_id": 1, "source_missing": 1}
+    # track_metadata: the first row of each listed id that names an artist or album, trimmed,
+    # blank = null (a duplicate row's artist is not taken; a missing file's metadata is kept)
+    meta = read_pandas(wh, "track_metadata").set_index("track_id")
+    assert sorted(meta.index) == ["ta", "td"]
+    assert meta.loc["ta", "artist"] == "The Band" and meta.loc["ta", "album"] == "First"
+    assert meta.loc["td", "artist"] is None and meta.loc["td", "album"] == "Lost Album"
+    assert summary["track_metadata"]["with_artist"] == 1 and summary["track_metadata"]["albums"] == 2
+    # An edited manifest: the metadata follows at once, no audio is decoded again.
+    (cat / "manifest.csv").write_text(manifest.replace("  The Band ,First", "Another Band,").replace(
+        f"tb,{cat / 'audio/b.flac'},jazz,,", f"tb,{cat / 'audio/b.flac'},jazz,Trio,"))
     again = run_stage(spark, cfg, "ingest")
     assert again["ingested"] == 0 and again["skipped_unchanged"] == 2
     assert len(read_pandas(wh, "ingest_rejects")) == 4
+    meta = read_pandas(wh, "track_metadata").set_index("track_id")
+    assert meta.loc["ta", "artist"] == "Another Band" and meta.loc["ta", "album"] is None
+    assert meta.loc["tb", "artist"] == "Trio" and len(meta) == 3
 
 
 @pytest.mark.s3

@@ -40,6 +40,31 @@ def test_min_frames_and_whole_excerpt_share_the_model(tmp_path):
     assert torch.allclose(pooled, torch.tensor([[2.0, 3.0, float(np.sqrt(14.0))]]))
 
 
+def test_rms_pooling_is_length_free_and_survives_the_artifact(tmp_path):
+    """train.pooling = "rms": a crop and the same sound tiled 10x pool alike (the L2 norm
+    grows sqrt(10)x); the artifact scores with the pooling it was trained with, and an
+    artifact written before the key existed loads as "l2"."""
+    import dataclasses
+    cfg = make_config(tmp_path, **SMALL, train__pooling="rms")
+    torch.manual_seed(0)
+    model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=4).eval()
+    assert model.pool.spread == "rms"
+    crop = torch.randn(1, 16, 7)
+    np.testing.assert_allclose(model.pool(crop.repeat(1, 1, 10)), model.pool(crop), rtol=1e-5)
+    l2 = FactorCNN.from_train_conf(make_config(tmp_path, **SMALL).train, n_mels=16, out_dim=4).pool
+    assert torch.allclose(l2(crop.repeat(1, 1, 10))[:, 32:], l2(crop)[:, 32:] * np.sqrt(10.0))
+    wh = Lake(str(tmp_path / "wh"))
+    mels = np.random.default_rng(2).normal(0, 1, (2, 16, 300)).astype(np.float32)
+    artifact = load_artifact(save_artifact(wh, "cnn-rms", model, _meta(cfg, model)))
+    assert artifact.scorer.spread == "rms"
+    with torch.inference_mode():
+        np.testing.assert_allclose(artifact.embed(mels), model(torch.from_numpy(mels)).numpy(), rtol=1e-5, atol=1e-6)
+    old_meta = _meta(cfg, model)
+    del old_meta["train"]["pooling"]
+    assert FactorCNN.from_train_conf(old_meta["train"], n_mels=16, out_dim=4).pool.spread == "l2"
+    assert dataclasses.asdict(cfg.train)["pooling"] == "rms"
+
+
 def test_labels_model_embeds_the_penultimate_layer(tmp_path):
     cfg = make_config(tmp_path, **SMALL, train__target="labels")
     model = FactorCNN.from_train_conf(cfg.train, n_mels=64, out_dim=5).eval()
@@ -147,12 +172,12 @@ def test_window_starts_are_aligned_spread_and_cover_the_excerpt():
     assert window_starts(1292, 130) == [int(round(s)) for s in np.linspace(0, 1162, 10)]
 
 
-@pytest.mark.parametrize("target", ["factors", "labels"])
-def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, target):
+@pytest.mark.parametrize("target,pooling", [("factors", "l2"), ("labels", "l2"), ("factors", "rms")])
+def test_windows_share_one_conv_pass_and_equal_scoring_each_window(tmp_path, target, pooling):
     """Artifact.embed(mels, window) == the mean of embedding each window alone (fp32)."""
     from deepcuts.nn.model import window_starts
     cfg = make_config(tmp_path, train__conv_channels=[8, 8, 8], train__pool_sizes=[4, 2, 2],
-                      train__dense_units=16, train__target=target)
+                      train__dense_units=16, train__target=target, train__pooling=pooling)
     torch.manual_seed(3)
     model = FactorCNN.from_train_conf(cfg.train, n_mels=16, out_dim=5).eval()
     wh = Lake(str(tmp_path / "wh"))

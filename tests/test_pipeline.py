@@ -62,7 +62,7 @@ def test_every_ingested_track_gets_exactly_one_serving_row(nightly):
     assert serving["track_id"].is_unique and set(serving["track_id"]) == set(t["mels"]["track_id"])
     usage = set(serving.loc[serving["source"] == "usage", "track_id"])
     assert usage <= set(t["track_factors"]["track_id"])
-    assert (serving["source"] == "audio").any() and usage
+    assert serving["source"].isin(["audio", "metadata"]).any() and usage
     assert set(t["predicted_factors"]["track_id"]) == set(t["mels"]["track_id"])
 
 

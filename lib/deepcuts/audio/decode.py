@@ -81,6 +81,7 @@ class MelParams:
     hop_length: int
     excerpt: str                # "middle" | "whole"
     excerpt_seconds: float
+    whole_max_seconds: float    # "whole": at most this much, from the middle (bounds a row's bytes)
     min_seconds: float
     max_channels: int
     min_source_rate: int
@@ -573,8 +574,8 @@ def _open_source(name: str, data: bytes, codec: str, strict: bool, fd: int | Non
 # --- the excerpt, and what truncation means --------------------------------------------------
 def _excerpt_window(frames: int, rate: int, p: MelParams) -> tuple[int, int]:
     """(start, length) in source frames of the excerpt to decode."""
-    want = int(round(p.excerpt_seconds * rate))
-    if p.excerpt == "whole" or frames <= want:
+    want = int(round((p.whole_max_seconds if p.excerpt == "whole" else p.excerpt_seconds) * rate))
+    if frames <= want:
         return 0, frames
     return (frames - want) // 2, want
 

@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from deepcuts.core.spark import add_moments  # noqa: F401  (partials of cross_moments add up; re-exported)
+
 N_FEATURES_PER_MFCC = 3      # the coefficient, its delta, its delta-delta
 
 # Reason codes of baseline_rejects.
@@ -102,10 +104,6 @@ def cross_moments(a: np.ndarray, b: np.ndarray | None = None) -> dict:
         b = np.asarray(b, dtype=np.float64)
         out.update(sb=b.sum(axis=0), ab=a.T @ b, bb=b.T @ b)
     return out
-
-
-def add_moments(x: dict, y: dict) -> dict:
-    return {key: x[key] + y[key] for key in x}
 
 
 def standardiser(moments: dict) -> tuple[np.ndarray, np.ndarray]:

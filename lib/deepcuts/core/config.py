@@ -66,6 +66,7 @@ class DemoConf:
     codecs: list[str] = rule(choices=("wav", "flac", "ogg", "mp3", "opus"))
     sample_rates: list[int] = rule(choices=(22050, 44100, 48000))
     mean_plays_per_user: float = rule(min=1.0)
+    artists_per_style: int = rule(min=0, doc="manifest artist column: artists sharing a style's tracks; 0 = none")
     workers: int = rule(min=0, doc="processes rendering tracks; 0 = one per CPU core")
 
 
@@ -79,6 +80,7 @@ class IngestConf:
     hop_length: int = rule(min=64, max=8192)
     excerpt: str = rule(choices=("middle", "whole"))
     excerpt_seconds: float = rule(min=1.0)
+    whole_max_seconds: float = rule(min=1.0, doc='excerpt = "whole": at most this many seconds, from the middle')
     min_seconds: float = rule(min=0.5, doc="shorter tracks are rejected: must cover the model's window")
     max_channels: int = rule(min=1)
     min_source_rate: int = rule(min=1000)
@@ -143,6 +145,8 @@ class TrainConf:
     conv_channels: list[int] = rule()
     conv_kernel: int = rule(min=1)
     pool_sizes: list[int] = rule()
+    pooling: str = rule(choices=("l2", "rms"),
+                        doc="cnn: the time-pooled spread, L2 norm (Dieleman) or rms (does not grow with length)")
     dense_units: int = rule(min=1)
     dropout: float = rule(min=0.0, max=0.95)
     validation_fraction: float = rule(min=0.0, max=0.5)
@@ -182,6 +186,9 @@ class InferConf:
     serving: str = rule(choices=("blend", "threshold"), doc="how tracks with little usage are served")
     blend_prior_strength: float = rule(min=0.0, doc="precision of the audio prior in the blend")
     blend_max_listeners: int = rule(min=1, doc="tracks with more listeners are served pure usage")
+    metadata_prior: bool = rule(doc="cold tracks of a known album/artist: audio blended with its warm tracks' mean")
+    metadata_levels: list[str] = rule(choices=("album", "artist"), doc="the prior's groups, most specific first")
+    metadata_min_validation_tracks: int = rule(min=1, doc="a level's weight is fitted on at least this many")
     top_labels: int = rule(min=1, doc="labels model: most probable labels kept per track (predicted_labels)")
     gpu_batch_size: int = rule(min=1, doc="batch_size on a task that has a CUDA device")
     gpu_precision: str = rule(choices=("auto", "fp32", "bf16"), doc="precision on a task that has a CUDA device")
@@ -230,7 +237,7 @@ class BaselineConf:
 class EvaluateConf:
     model: str = rule(doc="model id of the CNN row; empty = infer.model, else the latest")
     splits: list[str] = rule(choices=("cold", "validation", "sparse_warm", "sparse_warm_validation"))
-    predictors: list[str] = rule(choices=("random", "baseline", "cnn", "upper_bound"))
+    predictors: list[str] = rule(choices=("random", "baseline", "cnn", "metadata", "upper_bound"))
     users_per_task: int = rule(min=1, doc="users per scoring task (about: hash blocks)")
     candidates_per_block: int = rule(min=1, doc="candidate tracks per block a task holds")
     label_k: int = rule(min=1, doc="labels model: label precision@k of the embeddings' neighbours")
@@ -366,6 +373,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("ingest.min_source_rate must be <= ingest.max_source_rate")
     if ing.excerpt == "middle" and ing.min_seconds > ing.excerpt_seconds:
         raise ConfigError("ingest.min_seconds must be <= ingest.excerpt_seconds")
+    if ing.excerpt == "whole" and ing.min_seconds > ing.whole_max_seconds:
+        raise ConfigError("ingest.min_seconds must be <= ingest.whole_max_seconds")
     if cfg.train.crop_seconds > ing.min_seconds:
         raise ConfigError(f"train.crop_seconds ({cfg.train.crop_seconds}) must be <= ingest.min_seconds "
                           f"({ing.min_seconds}): every stored mel must cover the model's window")

@@ -58,7 +58,7 @@ def _mel_layout(cfg) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "deepcuts.stages.ingest:run",
-          reads=(T.MELS, T.INGEST_REJECTS), writes=(T.MELS, T.INGEST_REJECTS),
+          reads=(T.MELS, T.INGEST_REJECTS), writes=(T.MELS, T.INGEST_REJECTS, T.TRACK_METADATA),
           doc="audio (folder, manifest, s3 prefix) -> log-mel spectrograms", layout=_mel_layout, skippable=False),
     Stage("factors", "deepcuts.stages.factors:run",
           reads=(T.MELS, T.TRACK_FACTORS),
@@ -78,7 +78,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("infer", "deepcuts.stages.infer:run",
           reads=(T.MELS, T.TRACK_FACTORS, T.PREDICTED_FACTORS, T.FACTOR_ALIGNMENTS,
                  T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS,
-                 T.USER_FACTORS, T.EVAL_HOLDOUT),   # the last two: the usage/audio blend (issue 19)
+                 T.USER_FACTORS, T.EVAL_HOLDOUT,    # the usage/audio blend (issue 19)
+                 T.TRACK_METADATA, T.VALIDATION_EXAMPLES),   # the metadata prior (issue 13)
           writes=(T.PREDICTED_FACTORS, T.SERVING_FACTORS, T.INFER_REJECTS,
                   T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS),   # the last two: a labels model (issue 18)
           doc="the whole catalogue -> predicted factors, cold-start backfill of serving_factors",
@@ -86,7 +87,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluate", "deepcuts.stages.evaluate:run",
           reads=(T.MELS, T.USER_FACTORS, T.TRACK_FACTORS, T.EVAL_HOLDOUT, T.UPPER_BOUND_FACTORS,
                  T.BASELINE_FACTORS, T.PREDICTED_FACTORS, T.VALIDATION_EXAMPLES,
-                 T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS),
+                 T.AUDIO_EMBEDDINGS, T.PREDICTED_LABELS, T.TRACK_METADATA),
           writes=(T.EVALUATION_RESULTS,),
           doc="random, MFCC baseline, CNN, upper bound on the same users and candidates -> evaluation_results",
           fingerprint=_evaluated_model),

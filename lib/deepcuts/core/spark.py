@@ -190,7 +190,8 @@ def _decode_moments(blob: bytes) -> dict:
         return {k: data[k] for k in data.files}
 
 
-def _add_moments(x: dict, y: dict) -> dict:
+def add_moments(x: dict, y: dict) -> dict:
+    """The sum of two partials of the same keys (disjoint row sets add up)."""
     return {key: x[key] + y[key] for key in x}
 
 
@@ -206,11 +207,11 @@ def sum_moments(df, partial) -> dict | None:
         for batch in batches:
             if len(batch):
                 got = partial(batch)
-                total = got if total is None else _add_moments(total, got)
+                total = got if total is None else add_moments(total, got)
         if total is not None:
             yield pd.DataFrame({"blob": [_encode_moments(total)]})
 
     parts = df.mapInPandas(per_partition, "blob binary").rdd.map(lambda row: _decode_moments(bytes(row["blob"])))
     if parts.isEmpty():
         return None
-    return parts.treeReduce(_add_moments, depth=2)
+    return parts.treeReduce(add_moments, depth=2)

@@ -56,6 +56,17 @@ MELS = _table(
     cluster_by=("track_id",),
 )
 
+TRACK_METADATA = _table(
+    "track_metadata", ("track_id",),
+    "What the manifest says of each listed track beyond its audio (its optional artist and album "
+    "columns; rows with neither are left out). Rewritten whole by every ingest run, so an edited "
+    "manifest takes effect without re-decoding; the metadata prior of cold tracks reads it.",
+    F("track_id", pa.string(), nullable=False),
+    F("artist", pa.string()),
+    F("album", pa.string()),
+    F("run_id", pa.string(), nullable=False),
+)
+
 INGEST_REJECTS = _table(
     "ingest_rejects", ("track_id",),
     "The current rejected or vanished catalogue items, one row per track, with a reason code.",
@@ -154,10 +165,18 @@ PREDICTED_FACTORS = _table(
     cluster_by=("track_id",),
 )
 
+# serving_factors.source: where a track's vector came from.
+SOURCE_USAGE = "usage"          # its published ALS factors
+SOURCE_AUDIO = "audio"          # no usage: the audio model's prediction in the ALS space
+SOURCE_BLEND = "blend"          # a little usage: the ALS item half-step with the audio vector as prior
+SOURCE_METADATA = "metadata"    # no usage, a known album/artist: the audio vector blended with its warm tracks' mean
+COLD_SOURCES = (SOURCE_AUDIO, SOURCE_METADATA)   # no usage at all: the new tracks of user recommendations
+
 SERVING_FACTORS = _table(
     "serving_factors", ("track_id",),
     "One row per catalogue track: ALS factors where usage suffices (source usage), audio-predicted "
-    "without usage (audio), the ALS half-step with the audio prior for a little usage (blend).",
+    "without usage (audio; metadata where its album or artist has warm tracks), the ALS half-step "
+    "with the audio prior for a little usage (blend).",
     F("track_id", pa.string(), nullable=False),
     F("factors", VECTOR, nullable=False),
     F("source", pa.string(), nullable=False),
@@ -380,7 +399,7 @@ NEIGHBOUR_METRICS = _table(
     F("build_seconds", pa.float64()),
     F("search_seconds", pa.float64()),
     F("seconds", pa.float64()),                             # the table's whole share of the run
-    F("audio_share", pa.float64()),                         # share of neighbours with source 'audio'
+    F("audio_share", pa.float64()),                         # share of neighbours without usage (audio, metadata)
     F("model_id", pa.string()),
 )
 
@@ -428,7 +447,7 @@ def spark_schema(table: Table):
     return from_arrow_schema(table.schema)
 
 ALL_TABLES: dict[str, Table] = {t.name: t for t in (
-    MELS, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
+    MELS, TRACK_METADATA, INGEST_REJECTS, PLAYS_REJECTS, USER_INDEX, TRACK_INDEX, USER_FACTORS, TRACK_FACTORS,
     EVAL_HOLDOUT, FACTOR_ALIGNMENTS, PREDICTED_FACTORS, SERVING_FACTORS, INFER_REJECTS, TRAIN_EXAMPLES,
     VALIDATION_EXAMPLES, TRAIN_REJECTS, TRAIN_METRICS, RUNS, EVALUATION_RESULTS, BASELINE_FACTORS,
     BASELINE_REJECTS, UPPER_BOUND_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_RECOMMENDATIONS,

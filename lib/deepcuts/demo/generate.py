@@ -4,7 +4,7 @@ Lets the whole pipeline run and be tested with no external data set.  ``generate
 under ``demo.out_dir``::
 
     catalogue/audio/<NN>/<track_id>.<ext>   real audio files (wav, flac, ogg, mp3, opus)
-    catalogue/manifest.csv                  track_id,uri,labels (uri relative to the manifest)
+    catalogue/manifest.csv                  track_id,uri,labels[,artist] (uri relative to the manifest)
     labels.csv                              track_id,style
     users.parquet                           ground truth: user_id, taste (over styles), activity
     plays.parquet                           user_id, track_id, plays (aggregated, plays > 0)
@@ -227,6 +227,18 @@ def replace_csv(rows: list[tuple], header: tuple[str, ...], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def artist_names(specs: Sequence[TrackSpec], per_style: int) -> dict[str, str]:
+    """track id -> its artist (the manifest's artist column): each style's tracks dealt in
+    turn to ``per_style`` artists of that style; {} when 0.  Artists do not sound alike beyond
+    their style; listeners follow styles, so an artist's tracks share an audience."""
+    seen: Counter = Counter()
+    out = {}
+    for s in specs if per_style else ():
+        out[s.track_id] = f"{s.style} artist {seen[s.style] % per_style + 1}"
+        seen[s.style] += 1
+    return out
+
+
 def _remove_stale_audio(audio_dir: Path, keep: set[Path]) -> int:
     """Audio left by an earlier, larger or differently-coded demo: no manifest points at it."""
     removed = 0
@@ -253,8 +265,13 @@ def generate(demo: DemoConf) -> dict:
     replace_parquet(users, out / "users.parquet")
     replace_parquet(plays, out / "plays.parquet")
     # The manifest goes last: it is what says the catalogue is complete.
-    replace_csv([(s.track_id, s.uri, s.style) for s in specs], ("track_id", "uri", "labels"),
-                 catalogue_dir / "manifest.csv")
+    artists = artist_names(specs, demo.artists_per_style)
+    if artists:
+        replace_csv([(s.track_id, s.uri, s.style, artists[s.track_id]) for s in specs],
+                    ("track_id", "uri", "labels", "artist"), catalogue_dir / "manifest.csv")
+    else:
+        replace_csv([(s.track_id, s.uri, s.style) for s in specs], ("track_id", "uri", "labels"),
+                    catalogue_dir / "manifest.csv")
     stale = _remove_stale_audio(catalogue_dir / "audio", {catalogue_dir / s.uri for s in specs})
 
     listeners = Counter(plays.column("track_id").to_pylist())

@@ -236,12 +236,12 @@ def _excluded_rows(excluded: pa.Table | None, query_ids: np.ndarray, item_ids: n
 
 
 def search_block_shard(block: int, queries: pa.Table, index, ids: pa.Table, k: int, spec: IndexSpec, *,
-                       lists: tuple[tuple[str, str | None], ...] = ((ALL, None),),
+                       lists: tuple[tuple[str, str | tuple[str, ...] | None], ...] = ((ALL, None),),
                        exclude_self: bool = False, normalise: bool = False,
                        excluded: pa.Table | None = None, exact_index=None) -> pa.Table:
     """Every requested list's candidates of one (block x shard) pair, as CANDIDATE_SCHEMA rows.
 
-    ``lists``: (name, allowed source or None): "cold" searches only items of that source.
+    ``lists``: (name, allowed source(s) or None): "cold" searches only items of those sources.
     ``exclude_self``: fetch k + 1 (the merge drops the query itself).  ``excluded``: the
     (query_id, item_id) pairs never returned.  ``exact_index`` (approximate indexes): the
     sampled queries are searched again exactly, as ``exact`` rows."""
@@ -261,8 +261,9 @@ def search_block_shard(block: int, queries: pa.Table, index, ids: pa.Table, k: i
     for name, source in lists:
         allowed = None
         if source is not None:
-            allowed = np.asarray(pc.equal(item_sources, source).fill_null(False).to_numpy(zero_copy_only=False),
-                                 dtype=bool)
+            sources = pa.array([source] if isinstance(source, str) else list(source), pa.string())
+            allowed = np.asarray(pc.is_in(item_sources, value_set=sources).fill_null(False)
+                                 .to_numpy(zero_copy_only=False), dtype=bool)
         for exact, idx, members in runs:
             sub_ex = ex
             if ex is not None and len(members) != len(x):

@@ -4,7 +4,9 @@
 channels, max-pooling in time, a global temporal pooling layer (mean, max and L2-norm over
 time, concatenated), two dense layers and a linear output.  Pooling is global, so any
 number of frames >= ``min_frames`` goes through the same model: a 3 s training crop and a
-whole 30 s excerpt alike.
+whole 30 s excerpt alike.  The L2 norm grows with sqrt(frames), though, so a model trained on
+3 s crops sees a whole excerpt's norm ~3x larger than any it learnt from; ``train.pooling =
+"rms"`` divides it by sqrt(frames) and makes every pooled statistic length-free.
 
 Two kinds (``train.model``):
 
@@ -53,6 +55,7 @@ META_FILE = "meta.json"
 ARTIFACT_FORMAT = 1
 TARGETS = ("factors", "labels")
 MODEL_KINDS = ("cnn", "ridge")
+SPREADS = ("l2", "rms")       # the third pooled statistic (pool_over_time)
 
 
 class ModelArtifactError(InputMissing):
@@ -93,10 +96,16 @@ def pool_over_time(x: torch.Tensor, dim: int, spread: str = "l2") -> torch.Tenso
 
 
 class GlobalTemporalPooling(nn.Module):
-    """Concatenate mean, max and L2-norm over time: [B, C, T] -> [B, 3C] (Dieleman 2014)."""
+    """Concatenate mean, max and L2-norm (or rms) over time: [B, C, T] -> [B, 3C] (Dieleman 2014)."""
+
+    def __init__(self, spread: str = "l2"):
+        super().__init__()
+        if spread not in SPREADS:
+            raise ValueError(f"pooling {spread!r}: expected one of {SPREADS}")
+        self.spread = spread
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_over_time(x, dim=2)
+        return pool_over_time(x, dim=2, spread=self.spread)
 
 
 class FactorCNN(nn.Module):
@@ -108,7 +117,7 @@ class FactorCNN(nn.Module):
 
     def __init__(self, n_mels: int, out_dim: int, conv_channels: Sequence[int], conv_kernel: int,
                  pool_sizes: Sequence[int], dense_units: int, dropout: float, target: str = "factors",
-                 kind: str = "cnn"):
+                 kind: str = "cnn", pooling: str = "l2"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target {target!r}: expected one of {TARGETS}")
@@ -128,7 +137,8 @@ class FactorCNN(nn.Module):
             layers += [nn.Conv1d(in_channels, channels, conv_kernel), nn.ReLU(), nn.MaxPool1d(pool)]
             in_channels = channels
         self.convs = nn.Sequential(*layers)
-        self.pool = GlobalTemporalPooling()
+        # A ridge model pools rms always: its features must not grow with the excerpt's length.
+        self.pool = GlobalTemporalPooling("rms" if kind == "ridge" else pooling)
         if kind == "ridge":
             self.pooled_dim = 3 * (n_mels + sum(conv_channels))
             self.dense = nn.Identity()
@@ -145,14 +155,14 @@ class FactorCNN(nn.Module):
         """Build from a ``TrainConf`` (or its dict, as stored in ``meta['train']``).  The kind is
         ``train.model``; the train stage resolves ``"auto"`` by the training set's size before
         it builds, so "auto" here (a conf used directly, an artifact older than the key) is
-        the cnn."""
+        the cnn, and a missing ``pooling`` (artifacts older than the key) is "l2"."""
         get = train_conf.get if isinstance(train_conf, Mapping) else lambda k: getattr(train_conf, k, None)
         kind = str(get("model") or "auto")
         kind = "cnn" if kind == "auto" else kind
         return cls(n_mels=n_mels, out_dim=out_dim, conv_channels=list(get("conv_channels")),
                    conv_kernel=int(get("conv_kernel")), pool_sizes=list(get("pool_sizes")),
                    dense_units=int(get("dense_units")), dropout=float(get("dropout")),
-                   target=str(get("target")), kind=kind)
+                   target=str(get("target")), kind=kind, pooling=str(get("pooling") or "l2"))
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised mels [B, n_mels, T] -> the pooled features the head reads [B, pooled_dim]."""
@@ -160,10 +170,10 @@ class FactorCNN(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} frames; the model needs at least {self.min_frames}")
         if self.kind == "cnn":
             return self.pool(self.convs(x))
-        parts = [pool_over_time(x, dim=2, spread="rms")]
+        parts = [self.pool(x)]
         for start in range(0, len(self.convs), 3):
             x = self.convs[start + 2](self.convs[start + 1](self.convs[start](x)))
-            parts.append(pool_over_time(x, dim=2, spread="rms"))
+            parts.append(self.pool(x))
         return torch.cat(parts, dim=1)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +329,7 @@ class Scorer:
         self.kernel = int(layers[0].kernel_size[0])
         self.stride = int(np.prod([pool for _, _, pool in self.convs]))
         self.ridge = model.kind == "ridge"
-        self.spread = "rms" if self.ridge else "l2"
+        self.spread = model.pool.spread
         if self.ridge:
             self.head_dtype = torch.float32
             self.head = copy.deepcopy(model.output).to(device, torch.float32).eval()

@@ -123,28 +123,39 @@ def pooled_features(model, mels: Sequence[np.ndarray], mel_mean: np.ndarray, mel
     return out
 
 
+def broadcast_model(df, weights: bytes, build):
+    """A function the executors call for the model: ``build()`` (a FactorCNN of the right
+    shape) loaded with ``weights`` (broadcast once), made once per Python worker."""
+    weights_bc = df.sparkSession.sparkContext.broadcast(weights)
+    cache: dict = {}
+
+    def executor_model():
+        import torch
+        if "model" not in cache:
+            torch.set_num_threads(1)      # one Spark task per core already
+            net = build()
+            net.load_state_dict(torch.load(io.BytesIO(weights_bc.value), map_location="cpu", weights_only=True))
+            cache["model"] = net.eval()
+        return cache["model"]
+    return executor_model
+
+
 def split_moments(examples_df, model, mel_mean: np.ndarray, mel_std: np.ndarray) -> dict | None:
     """``cross_moments(pooled features, target)`` summed over a training split's rows (a Spark
     frame of ``train_examples`` / ``validation_examples``) on the executors."""
     from deepcuts.core.spark import sum_moments
     from deepcuts.nn.model import FactorCNN, state_dict_bytes
-    weights = examples_df.sparkSession.sparkContext.broadcast(state_dict_bytes(model))
     spec = dict(n_mels=model.n_mels, out_dim=model.out_dim, target=model.target, kind=model.kind,
                 conv_channels=[m.out_channels for m in model.convs[0::3]],
                 conv_kernel=int(model.convs[0].kernel_size[0]),
-                pool_sizes=[int(m.kernel_size) for m in model.convs[2::3]], dense_units=1, dropout=0.0)
-    cache: dict = {}
+                pool_sizes=[int(m.kernel_size) for m in model.convs[2::3]], dense_units=1, dropout=0.0,
+                pooling=model.pool.spread)
+    executor_model = broadcast_model(examples_df, state_dict_bytes(model), lambda: FactorCNN(**spec))
 
     def partial(batch):
-        import torch
-        if "model" not in cache:
-            torch.set_num_threads(1)      # one Spark task per core already
-            net = FactorCNN(**spec)
-            net.load_state_dict(torch.load(io.BytesIO(weights.value), map_location="cpu", weights_only=True))
-            cache["model"] = net.eval()
         mels = [stored_mel(m, a, f) for m, a, f in zip(batch["mel"], batch["n_mels"], batch["n_frames"])]
         targets = np.stack([np.asarray(t, dtype=np.float64) for t in batch["target"]])
-        return cross_moments(pooled_features(cache["model"], mels, mel_mean, mel_std), targets)
+        return cross_moments(pooled_features(executor_model(), mels, mel_mean, mel_std), targets)
 
     return sum_moments(examples_df.select("mel", "n_mels", "n_frames", "target"), partial)
 
@@ -163,28 +174,24 @@ def excerpt_loss(examples_df, weights: bytes, meta: Mapping) -> float:
     gate's yardstick when a ridge model is one of the two compared (a ridge model is fitted
     on whole excerpts; the CNN's crop-based validation loss would not measure it fairly)."""
     from deepcuts.core.spark import sum_moments
-    weights_bc = examples_df.sparkSession.sparkContext.broadcast(weights)
+    from deepcuts.nn.model import FactorCNN
     spec = {"train": dict(meta["train"]), "n_mels": int(meta["n_mels"]),
             "out_dim": int(meta.get("n_outputs", meta["out_dim"])),
             "mel_mean": np.asarray(meta["mel_mean"], dtype=np.float32),
             "mel_std": np.asarray(meta["mel_std"], dtype=np.float32)}
-    cache: dict = {}
+    executor_model = broadcast_model(examples_df, weights, lambda: FactorCNN.from_train_conf(
+        spec["train"], n_mels=spec["n_mels"], out_dim=spec["out_dim"]))
 
     def partial(batch):
         import torch
-        from deepcuts.nn.model import FactorCNN, normalise
-        if "model" not in cache:
-            torch.set_num_threads(1)
-            net = FactorCNN.from_train_conf(spec["train"], n_mels=spec["n_mels"], out_dim=spec["out_dim"])
-            net.load_state_dict(torch.load(io.BytesIO(weights_bc.value), map_location="cpu", weights_only=True))
-            cache["model"] = net.eval()
+        from deepcuts.nn.model import normalise
         mean, std = torch.from_numpy(spec["mel_mean"]), torch.from_numpy(spec["mel_std"])
         total, values = 0.0, 0
         with torch.inference_mode():
             for mel, n_mels, n_frames, target in zip(batch["mel"], batch["n_mels"], batch["n_frames"],
                                                      batch["target"]):
                 x = normalise(torch.from_numpy(stored_mel(mel, n_mels, n_frames))[None], mean, std)
-                error = cache["model"](x)[0].double().numpy() - np.asarray(target, dtype=np.float64)
+                error = executor_model()(x)[0].double().numpy() - np.asarray(target, dtype=np.float64)
                 total, values = total + float(error @ error), values + len(error)
         return {"se": np.array(total), "values": np.array(float(values))}
 

@@ -28,7 +28,7 @@ svg .legend{fill:#333} svg .marker{stroke:#999;stroke-dasharray:4 3}
 .playlist{border:1px solid #ddd;border-radius:6px;padding:8px 12px;margin:10px 0}
 .track{display:flex;gap:12px;align-items:center;margin:4px 0} .track .id{min-width:110px;font-family:monospace}
 .track .lab{min-width:120px} .track .sc{min-width:64px} .track audio{height:30px;width:260px} .note{color:#999;font-style:italic}
-.src{font-size:11px;padding:1px 6px;border-radius:8px;background:#eef} .src.audio{background:#fde8d0}
+.src{font-size:11px;padding:1px 6px;border-radius:8px;background:#eef} .src.audio{background:#fde8d0} .src.metadata{background:#e3f4dc}
 """
 
 
@@ -198,7 +198,8 @@ def render(data: ReportData) -> str:
         f"<p class='meta'>{escape(data.map_note)}</p>" if data.map_note else "",
         "<h2 id='playlists'>Example playlists</h2>",
         f"<p class='meta'>A query track (▶) and its nearest catalogue tracks in {escape(data.playlists_table)}; "
-        "<span class='src audio'>audio</span> tracks are served from the audio model (cold start).</p>",
+        "<span class='src audio'>audio</span> tracks are served from the audio model (cold start), "
+        "<span class='src metadata'>metadata</span> ones from it and their album's or artist's warm tracks.</p>",
         _playlists(data),
         "<h2 id='operations'>Operations</h2>", _operations(data),
         "</body></html>",

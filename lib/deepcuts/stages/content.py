@@ -41,13 +41,12 @@ import pyarrow as pa
 
 from deepcuts.core.config import ConfigError
 from deepcuts.core.tables import (AUDIO_EMBEDDINGS, INFER_REJECTS, MELS, PREDICTED_FACTORS, PREDICTED_LABELS,
-                                  VALIDATION_EXAMPLES)
+                                  SOURCE_AUDIO, VALIDATION_EXAMPLES)
 from deepcuts.evaluation import labels as L
 from deepcuts.nn.labels import head_parameters, label_probabilities, top_labels, unit_rows
 
 log = logging.getLogger(__name__)
 
-SOURCE_AUDIO = "audio"
 EMBEDDINGS_PREDICTOR = "embeddings"    # evaluation_results.predictor of the neighbours' precision
 LABELS_PREDICTOR = "labels"            # ... of the label head's top-k accuracy
 

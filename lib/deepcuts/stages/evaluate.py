@@ -7,6 +7,10 @@ Predictors (``evaluate.predictors``):
 * ``baseline``: the MFCC bag-of-words regression (``baseline_factors``, the baseline stage);
 * ``cnn``: the model's predictions (``evaluate.model``, else ``infer.model``, else the latest):
   its ``predicted_factors`` rows where they match the current mels, the rest scored here;
+* ``metadata`` (cold split only): as infer serves a track without plays, the CNN's vector in
+  the ALS space blended with its album's / artist's warm tracks where ``track_metadata`` has
+  one (:mod:`deepcuts.cf.metadata`; weights fitted on the validation tracks, so the
+  validation split cannot score it); its own row, never the CNN's figure;
 * ``upper_bound``: cold split: WMF on all plays (``upper_bound_factors``, from the factors
   stage of the same run as ``user_factors``: vectors of two fits are never mixed);
   validation split: the published ALS vectors of those tracks, which were fitted on these
@@ -34,7 +38,7 @@ Users: the published ``user_factors`` users with a positive, hash-sampled to
 
 Reads ``mels``, ``user_factors``, ``track_factors``, ``eval_holdout``,
 ``upper_bound_factors``, ``baseline_factors``, ``predicted_factors``,
-``validation_examples`` (and ``factors.plays``); appends to ``evaluation_results``.
+``validation_examples``, ``track_metadata`` (and ``factors.plays``); appends to ``evaluation_results``.
 
 Cost: per split and predictor one scoring pass (``deepcuts.evaluation.runner``: 20k users x
 1e6 candidates ~1,000 core-seconds measured, x 1e7 ~10,000 core-seconds, memory per task bounded by one
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 
 
 RANDOM, BASELINE, CNN, UPPER_BOUND = "random", "baseline", "cnn", "upper_bound"
+METADATA = "metadata"   # the CNN's vectors with the metadata prior where a cold track has one (issue 13)
 # The sparse-warm splits' predictors (issue 19): how a track with 1..5 listeners is served.
 USAGE, AUDIO, THRESHOLD, BLEND = "usage", "audio", "threshold", "blend"
 SPARSE_PREDICTORS = (USAGE, AUDIO, THRESHOLD, BLEND)
@@ -157,6 +162,39 @@ def cnn_vectors(ctx, folder: str, model_id: str, tracks, cfg=None):
     return stored.unionByName(scored)
 
 
+def audio_in_als_space(ctx, cnn, tracks):
+    """(track_id, factors) of the CNN for ``tracks``, brought into the ALS space as infer
+    serves them (``audio_to_als_expr``); Skip without a factors model."""
+    from pyspark.sql import functions as F
+    from deepcuts.stages.infer import audio_to_als_expr, median_als_norm
+    if cnn is None:
+        raise Skip("no trained model: run the train stage")
+    model_id, folder, meta = cnn
+    if meta.get("target") != "factors":
+        raise Skip(f"model {model_id} has target {meta.get('target')!r}: not in the ALS space")
+    return cnn_vectors(ctx, folder, model_id, tracks).select(
+        "track_id", audio_to_als_expr(F.col("factors"), meta, median_als_norm(ctx.read(TRACK_FACTORS))).alias("factors"))
+
+
+def metadata_predictor_vectors(ctx, split: str, pop: ev.Population, cnn):
+    """The cold candidates' vectors as infer serves tracks without plays: the metadata prior
+    (:mod:`deepcuts.cf.metadata`, weights fitted on the validation tracks) where a track has
+    one, its audio vector in the ALS space otherwise."""
+    from deepcuts.cf.metadata import metadata_vectors
+    if split != ev.COLD:
+        raise Skip("its weights are fitted on the validation tracks: scored on the cold split only")
+    wanted = pop.candidates.select("track_id")
+    if ctx.exists(VALIDATION_EXAMPLES):
+        wanted = wanted.unionByName(ctx.read(VALIDATION_EXAMPLES).select("track_id"))
+    audio = audio_in_als_space(ctx, cnn, wanted)
+    prior, info = metadata_vectors(ctx, audio, pop.candidates)
+    if prior is None:
+        raise Skip(info.get("why") or f"no level's weight was fitted: {info.get('levels')}")
+    log.info("evaluate metadata prior: %s", info["levels"])
+    candidates_audio = audio.join(pop.candidates, "track_id", "left_semi")
+    return prior.select("track_id", "factors").unionByName(candidates_audio.join(prior, "track_id", "left_anti"))
+
+
 def predictor_vectors(ctx, predictor: str, split: str, pop: ev.Population, cnn) -> tuple:
     """(user vectors, track vectors, model_id) of ``predictor`` on ``split``; Skip if absent."""
     from pyspark.sql import functions as F
@@ -180,6 +218,8 @@ def predictor_vectors(ctx, predictor: str, split: str, pop: ev.Population, cnn) 
         if meta.get("target") != "factors":
             raise Skip(f"model {model_id} has target {meta.get('target')!r}: not in the ALS space")
         return users, cnn_vectors(ctx, folder, model_id, pop.candidates), model_id
+    if predictor == METADATA:
+        return users, metadata_predictor_vectors(ctx, split, pop, cnn), cnn[0]
     if predictor == UPPER_BOUND:
         if split == ev.VALIDATION:
             tracks = ctx.read(TRACK_FACTORS)
@@ -204,18 +244,12 @@ def sparse_vectors(ctx, predictor: str, pop: ev.Population, cnn, strength: float
     infer's threshold switch (``threshold``), or the blend (``blend``, prior strength
     ``strength``, default ``infer.blend_prior_strength``) over the published fit's plays."""
     from pyspark.sql import functions as F
-    from deepcuts.stages.infer import audio_to_als_expr, median_als_norm
     users = ctx.read(USER_FACTORS).select("user_id", "factors")
     tracks = ctx.read(TRACK_FACTORS)
     if predictor == USAGE:
         return users, tracks.select("track_id", "factors"), _run_id_of(tracks)
-    if cnn is None:
-        raise Skip("no trained model: run the train stage")
-    model_id, folder, meta = cnn
-    if meta.get("target") != "factors":
-        raise Skip(f"model {model_id} has target {meta.get('target')!r}: not in the ALS space")
-    audio = cnn_vectors(ctx, folder, model_id, pop.candidates).select(
-        "track_id", audio_to_als_expr(F.col("factors"), meta, median_als_norm(tracks)).alias("factors"))
+    audio = audio_in_als_space(ctx, cnn, pop.candidates)
+    model_id = cnn[0]
     if predictor == AUDIO:
         return users, audio, model_id
     if predictor == THRESHOLD:

@@ -10,7 +10,9 @@ Outputs
                          than ``infer.blend_max_listeners`` listeners, ``blend`` for tracks with
                          1..that many and an audio vector (one ALS item half-step with the audio
                          vector as prior, :mod:`deepcuts.cf.blend`), ``audio`` for tracks without
-                         plays.  ``"threshold"``: the ALS factors where the track has
+                         plays, ``metadata`` for those of them whose album or artist has warm
+                         tracks (``infer.metadata_prior``, :mod:`deepcuts.cf.metadata`).
+                         ``"threshold"``: the ALS factors where the track has
                          ``infer.min_listeners_for_usage`` listeners, else its audio-predicted
                          factors brought into the ALS space (see ``audio_scale``).
 
@@ -67,13 +69,10 @@ from deepcuts.core.config import Config
 from deepcuts.core.errors import InputMissing
 from deepcuts.core.faults import OFF, inject, switches
 from deepcuts.core.tables import (FACTOR_ALIGNMENTS, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS,
-                                  TRACK_FACTORS)
+                                  SOURCE_AUDIO, SOURCE_BLEND, SOURCE_METADATA, SOURCE_USAGE, TRACK_FACTORS)
 
 log = logging.getLogger(__name__)
 
-SOURCE_USAGE = "usage"
-SOURCE_AUDIO = "audio"
-SOURCE_BLEND = "blend"      # few listeners: the ALS item half-step with the audio vector as prior
 
 # Reason codes of infer_rejects.
 MEL_SIZE_MISMATCH = "mel_size_mismatch"     # byte length != n_mels * n_frames float16
@@ -597,17 +596,25 @@ def write_serving(ctx, model_id: str, meta: dict, locations, track_factors) -> d
             "track_id", "factors", F.lit(SOURCE_USAGE).alias("source"),
             F.lit(None).cast("string").alias("model_id"))
     serving = usage.unionByName(audio).unionByName(fallback)
+    audio_vectors = predicted.select("track_id", audio_to_als_expr(F.col("factors"), meta, scale).alias("factors"))
     blend_info = None
     if cfg.infer.serving == "blend":   # issue 19: little usage -> the ALS half-step with the audio prior
         from deepcuts.cf.blend import serving_rows
-        audio_vectors = predicted.select("track_id", audio_to_als_expr(F.col("factors"), meta, scale).alias("factors"))
         blended, blend_info = serving_rows(ctx, track_factors, audio_vectors, model_id,
                                            (SOURCE_USAGE, SOURCE_AUDIO, SOURCE_BLEND))
         serving = blended if blended is not None else serving
+    metadata_info: dict = {"why": "infer.metadata_prior = false"}
+    if cfg.infer.metadata_prior:   # issue 13: no plays, a known album / artist -> blended with its warm tracks
+        from deepcuts.cf.metadata import metadata_vectors, warm_vectors, with_metadata_rows
+        without_usage = audio_vectors.join(warm_vectors(track_factors, threshold), "track_id", "left_anti")
+        prior_rows, metadata_info = metadata_vectors(ctx, audio_vectors, without_usage)
+        if prior_rows is not None:
+            serving = with_metadata_rows(serving, prior_rows, SOURCE_AUDIO, SOURCE_METADATA)
     committed = ctx.write(serving.withColumn("run_id", F.lit(run_id)), SERVING_FACTORS,
                           metadata={"min_listeners_for_usage": threshold, "audio_scale": scale,
                                     "model_id": model_id, "serving": cfg.infer.serving,
-                                    "blend_prior_strength": cfg.infer.blend_prior_strength})
+                                    "blend_prior_strength": cfg.infer.blend_prior_strength,
+                                    "metadata_prior": metadata_info.get("levels")})
     if blend_info and "_persisted" in blend_info:
         blend_info.pop("_persisted").unpersist()
 
@@ -620,6 +627,7 @@ def write_serving(ctx, model_id: str, meta: dict, locations, track_factors) -> d
         "serving_by_source": by_source,
         "serving_low_usage_fallback": fallback.count() if not blend_info or blend_info["mode"] != "blend" else None,
         "serving_blend": blend_info or {"mode": "threshold"},
+        "serving_metadata_prior": metadata_info,
         "unserved_tracks": unserved,
         "audio_scale": None if scale is None else round(scale, 4),
     }

@@ -5,6 +5,8 @@ or an unchanged file already rejected for a lasting reason, is skipped.  New and
 changed files are decoded on the executors (:func:`decode_partition`, one
 ``mapInPandas`` pass).  ``mels`` is updated by one Delta ``MERGE`` on ``track_id``
 (decoded rows upserted, superseded ones deleted), ``ingest_rejects`` by one overwrite.
+A manifest's optional ``artist`` / ``album`` columns go to ``track_metadata`` (rewritten
+whole each run, so an edit needs no re-decode; the metadata prior of cold tracks reads it).
 
 Cost: the driver streams the listing to Parquet in bounded chunks and holds only
 counts; executors decode one file at a time.  At 10^6 tracks (30 s excerpts, ~330 kB
@@ -33,7 +35,7 @@ from deepcuts.core.faults import OFF, inject, switches
 from deepcuts.core.lake import Lake
 from deepcuts.core.spark import python_worker_setup
 from deepcuts.core.storage import delete_tree, filesystem_for
-from deepcuts.core.tables import INGEST_REJECTS, MELS
+from deepcuts.core.tables import INGEST_REJECTS, MELS, TRACK_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,8 @@ def stat_partition(batches: Iterator[pd.DataFrame], base_dir: str | None = None,
 
 # --- driver side (Spark wiring) -----------------------------------------------------------
 def _read_manifest(spark, path: str):
-    """Manifest rows (track_id, uri as written, labels), and its bad rows as rejects.  URIs are
+    """Manifest rows (track_id, uri as written, labels), its bad rows as rejects, and its
+    metadata (track_id, artist, album: the optional columns, rows naming either).  URIs are
     resolved by :func:`stat_partition` against the folder :func:`list_catalogue` passes."""
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
@@ -160,11 +163,17 @@ def _read_manifest(spark, path: str):
         raw = spark.read.parquet(path)
     missing = {"track_id", "uri"} - set(raw.columns)
     if missing:
-        raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; needs track_id, uri[, labels]")
+        raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; "
+                          "needs track_id, uri[, labels, artist, album]")
+
+    def optional(name):   # blank = absent
+        if name not in raw.columns:
+            return F.lit(None).cast("string").alias(name)
+        return F.nullif(F.trim(F.col(name).cast("string")), F.lit("")).alias(name)
     labels = F.col("labels").cast("string") if "labels" in raw.columns else F.lit(None).cast("string")
     rows = raw.select(F.trim(F.col("track_id").cast("string")).alias("track_id"),
                       F.trim(F.col("uri").cast("string")).alias("uri"), labels.alias("labels"),
-                      F.monotonically_increasing_id().alias("_row"))
+                      optional("artist"), optional("album"), F.monotonically_increasing_id().alias("_row"))
     bad = F.col("track_id").isNull() | (F.col("track_id") == "") | F.col("uri").isNull() | (F.col("uri") == "")
     bad_rows = rows.filter(bad).select(
         F.coalesce(F.nullif(F.col("track_id"), F.lit("")),
@@ -176,30 +185,35 @@ def _read_manifest(spark, path: str):
     dupes = ranked.filter(F.col("_rank") > 1).select(
         "track_id", F.col("uri").alias("source_uri"), F.lit(catalogue.DUPLICATE_TRACK_ID).alias("reason"),
         F.lit("track_id listed more than once in the manifest; its first row is ingested").alias("detail"))
-    listing = ranked.filter(F.col("_rank") == 1).select(
+    first = ranked.filter(F.col("_rank") == 1)
+    listing = first.select(
         "track_id", "uri", "labels", F.lit(None).cast("long").alias("source_size"),
         F.lit(None).cast("string").alias("source_version"))
-    return listing, bad_rows.unionByName(dupes)
+    metadata = first.where(F.col("artist").isNotNull() | F.col("album").isNotNull()) \
+        .select("track_id", "artist", "album")
+    return listing, bad_rows.unionByName(dupes), metadata
 
 
 def list_catalogue(spark, cfg: Config, lk: Lake, run_id: str):
-    """(listing DataFrame, catalogue-level rejects DataFrame) for ``ingest.source``."""
+    """(listing, catalogue-level rejects, metadata (track_id, artist, album)) DataFrames for
+    ``ingest.source``; only a manifest carries metadata."""
     from pyspark.sql.types import StructType
     from pyspark.sql.pandas.types import from_arrow_schema
     source = cfg.ingest.source
     kind = catalogue.source_kind(source)
     reject_schema = "track_id string, source_uri string, reason string, detail string"
+    no_metadata = spark.createDataFrame([], "track_id string, artist string, album string")
     if kind == "manifest":
         if source.startswith("s3://"):
             raise ConfigError("ingest.source: a manifest on S3 is not supported; list the s3:// prefix instead")
-        listing, rejects = _read_manifest(spark, source)
+        listing, rejects, metadata = _read_manifest(spark, source)
         listing_schema: StructType = from_arrow_schema(catalogue.LISTING_SCHEMA)
         # Relative URIs are relative to the manifest: its folder, absolute here on the driver
         # (an executor's working directory is not the operator's).
         base_dir = os.path.dirname(os.path.abspath(source))
         roots = catalogue.effective_roots(source, cfg.ingest.allowed_roots)
         listing = listing.mapInPandas(lambda it: stat_partition(it, base_dir, roots), listing_schema)
-        return listing, rejects
+        return listing, rejects, metadata
     entries = (catalogue.list_s3(source, cfg.ingest.extensions) if kind == "s3"
                else catalogue.list_folder(source, cfg.ingest.extensions))
     fs, staging = filesystem_for(lk.path("_staging", run_id))
@@ -207,13 +221,14 @@ def list_catalogue(spark, cfg: Config, lk: Lake, run_id: str):
     n = catalogue.write_listing(entries, posixpath.join(staging, "listing.parquet"), filesystem=fs)
     log.info("listed %d audio files under %s", n, source)
     listing = spark.read.parquet(lk.spark_uri("_staging", run_id, "listing.parquet"))
-    return listing, spark.createDataFrame([], reject_schema)
+    return listing, spark.createDataFrame([], reject_schema), no_metadata
 
 
 def mel_bytes_estimate(cfg: Config) -> int:
     """Stored size of one mel excerpt (float16), for sizing Parquet row groups."""
     ing = cfg.ingest
-    return ing.n_mels * (int(ing.excerpt_seconds * ing.sample_rate / ing.hop_length) + 1) * 2
+    seconds = ing.whole_max_seconds if ing.excerpt == "whole" else ing.excerpt_seconds
+    return ing.n_mels * (int(seconds * ing.sample_rate / ing.hop_length) + 1) * 2
 
 
 def run(ctx) -> dict:
@@ -223,7 +238,7 @@ def run(ctx) -> dict:
 
     spark, cfg, run_id = ctx.spark, ctx.cfg, ctx.run_id
     params = MelParams.from_conf(cfg.ingest)
-    listing, catalogue_rejects = list_catalogue(spark, cfg, ctx.lake, run_id)
+    listing, catalogue_rejects, metadata = list_catalogue(spark, cfg, ctx.lake, run_id)
     listing = listing.persist(StorageLevel.MEMORY_AND_DISK)
 
     prev = ctx.read(MELS).select(
@@ -300,6 +315,11 @@ def run(ctx) -> dict:
     # One file; repartition, not coalesce, which would read all of the cached decode output
     # (mel bytes included) in a single task to find its rejects.
     rej_committed = ctx.write(all_rejects.repartition(1), INGEST_REJECTS)
+    # Metadata: what the manifest says now, whole (an edited artist needs no re-decode).
+    meta_committed = ctx.write(metadata.withColumn("run_id", run_lit), TRACK_METADATA)
+    meta_counts = metadata.agg(F.count("artist").alias("artist"), F.count("album").alias("album"),
+                               F.countDistinct("artist").alias("artists"),
+                               F.countDistinct("album").alias("albums")).first().asDict()
 
     decoded.unpersist()
     plan.unpersist()
@@ -321,5 +341,8 @@ def run(ctx) -> dict:
         "realtime_x_per_core": round(audio_acc.value / cpu_acc.value, 1) if cpu_acc.value else None,
         "mels": mels_summary,
         "ingest_rejects": str(rej_committed),
+        "track_metadata": {"table": str(meta_committed), "with_artist": meta_counts["artist"],
+                           "with_album": meta_counts["album"], "artists": meta_counts["artists"],
+                           "albums": meta_counts["albums"]},
     }
 

@@ -12,7 +12,7 @@ Outputs
   ``user_recommendations``  for every user in ``user_factors``, the ``neighbours.top_n`` tracks
                             by raw x_u . y_i among the tracks the user never played (plays are
                             the factors stage's input, ``factors.plays``): list ``all`` (every
-                            serving track) and ``cold`` (tracks served from audio only).
+                            serving track) and ``cold`` (tracks without usage: source audio or metadata).
   ``neighbour_metrics``     per table and list: index, recall@k, sizes, timings, audio share.
   ``neighbour_rejects``     vectors left out (null, wrong dimension, NaN/inf, zero length).
   ``<warehouse>/indexes/<run_id>/{similar_tracks,sounds_like}/``  the shard indexes with a
@@ -26,7 +26,7 @@ measured every run on a hash sample of ``recall_sample`` queries searched exactl
 under ``neighbours.min_recall`` the stage fails before writing any table (and publishes no
 index).  Recommendations search the same way with users as the queries, the user's plays in a
 shard excluded by over-fetching k + (plays in that shard), the cold list through a FAISS
-selector on the shard's audio tracks.
+selector on the shard's tracks without usage.
 
 Cost at 64-d, k = 10, flat (measured in ``bench/neighbours.py``; see ``knn.sharded`` for the
 data movement):
@@ -48,7 +48,7 @@ import posixpath
 import time
 
 from deepcuts.core.errors import InputMissing
-from deepcuts.core.tables import (MELS, NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS, PREDICTED_FACTORS,
+from deepcuts.core.tables import (COLD_SOURCES, MELS, NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS, PREDICTED_FACTORS,
                                   SERVING_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_FACTORS,
                                   USER_RECOMMENDATIONS)
 from deepcuts.knn import persist, sharded
@@ -60,7 +60,6 @@ from deepcuts.knn.shards import plan_from_conf
 log = logging.getLogger(__name__)
 
 
-SOURCE_AUDIO = "audio"
 COLD = "cold"
 USER_SOURCE = "user"
 
@@ -169,10 +168,10 @@ def neighbour_table(spark, cfg, *, name: str, items, queries, n_items: int, n_qu
 
 
 def audio_shares(merged) -> dict[str, float | None]:
-    """list -> share of published neighbours whose source is audio."""
+    """list -> share of published neighbours without usage (source audio or metadata)."""
     from pyspark.sql import functions as F
     rows = (merged.where(~F.col("exact")).groupBy("list")
-            .agg(F.avg((F.col("neighbour_source") == SOURCE_AUDIO).cast("double")).alias("share")).collect())
+            .agg(F.avg(F.col("neighbour_source").isin(*COLD_SOURCES).cast("double")).alias("share")).collect())
     return {r["list"]: r["share"] for r in rows}
 
 
@@ -295,7 +294,7 @@ def run(ctx) -> dict:
                     spark, cfg, name=USER_RECOMMENDATIONS.name, items=serving, queries=users,
                     n_items=n_tracks, n_queries=n_users, k=nc.top_n, normalise=False, exclude_self=False,
                     index_folder=posixpath.join(work, "recommendations-index"), work=work,
-                    lists=((sharded.ALL, None), (COLD, SOURCE_AUDIO)), excluded=seen_pairs(spark, cfg),
+                    lists=((sharded.ALL, None), (COLD, COLD_SOURCES)), excluded=seen_pairs(spark, cfg),
                     meta={"model_id": model_id}))
             else:
                 summary[USER_RECOMMENDATIONS.name] = "skipped: user_factors is empty"

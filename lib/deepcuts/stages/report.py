@@ -44,6 +44,7 @@ from deepcuts.core.runs import Laps, code_version
 from deepcuts.core.tables import (AUDIO_EMBEDDINGS, BASELINE_REJECTS, EVALUATION_RESULTS, INFER_REJECTS, INGEST_REJECTS, MELS,
                                   NEIGHBOUR_REJECTS, PLAYS_REJECTS, RUNS, SERVING_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE,
                                   TRAIN_METRICS, TRAIN_REJECTS)
+from deepcuts.core.tables import COLD_SOURCES
 from deepcuts.report import model as M
 from deepcuts.report.charts import scatter_map
 from deepcuts.report.html import render
@@ -166,12 +167,14 @@ def playlist_input(read, n: int, length: int, seed: int) -> tuple[list[tuple[str
         return [], table.name
     similar = read(table)
     firsts = similar.filter(F.col("rank") == 1).withColumn("_h", F.xxhash64("track_id", F.lit(seed)))
-    pools = {src: [r["track_id"] for r in firsts.filter(F.col("track_source") == src).orderBy("_h")
-                   .limit(n).select("track_id").collect()] for src in ("audio", "usage")}
-    audio_n = min(len(pools["audio"]), math.ceil(n / 2))
-    chosen = [(t, "audio") for t in pools["audio"][:audio_n]]
-    chosen += [(t, "usage") for t in pools["usage"][:n - len(chosen)]]
-    chosen += [(t, "audio") for t in pools["audio"][audio_n:audio_n + n - len(chosen)]]
+    # cold: tracks without usage (served from audio, or audio and their album's / artist's prior)
+    pools = {pool: [(r["track_id"], r["track_source"]) for r in firsts.filter(F.col("track_source").isin(*sources))
+                    .orderBy("_h").limit(n).select("track_id", "track_source").collect()]
+             for pool, sources in (("cold", COLD_SOURCES), ("usage", ("usage",)))}
+    cold_n = min(len(pools["cold"]), math.ceil(n / 2))
+    chosen = pools["cold"][:cold_n]
+    chosen += pools["usage"][:n - len(chosen)]
+    chosen += pools["cold"][cold_n:cold_n + n - len(chosen)]
     if not chosen:
         return [], table.name
     rows = similar.filter(F.col("track_id").isin([t for t, _ in chosen]) & (F.col("rank") <= length)).collect()

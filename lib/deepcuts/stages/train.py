@@ -614,9 +614,11 @@ def fit_ridge_model(ctx, cfg: Config, ts: TrainingSet, run_id: str, echo=print) 
                        checkpoint_dir=checkpoint_dir(ctx.lake, checkpoint_key(t, ts.fingerprint)), extra=extra)
 
 
-def excerpt_gate_losses(ctx, result: TrainResult, meta: dict, lk, current_id: str, current: dict) -> tuple[float, float]:
+def excerpt_gate_losses(ctx, result: TrainResult, meta: dict, lk, current_id: str, current: dict,
+                        new_loss: float | None = None) -> tuple[float, float]:
     """(new, served) validation loss on whole excerpts (``ridge.excerpt_loss``), for a gate
-    where either model is a ridge model."""
+    where either model is a ridge model; ``new_loss``: the new model's, already measured
+    (``train.model = "auto"`` scored it to choose the kind)."""
     from deepcuts.nn import ridge
     from deepcuts.nn.model import WEIGHTS_FILE, ModelArtifactError, model_dir
     examples = ctx.read(VALIDATION_EXAMPLES)
@@ -624,8 +626,9 @@ def excerpt_gate_losses(ctx, result: TrainResult, meta: dict, lk, current_id: st
     served_weights = read_bytes(served_path)
     if served_weights is None:
         raise ModelArtifactError(f"model weights {served_path} are missing")
-    return (ridge.excerpt_loss(examples, state_dict_bytes(result.model), meta),
-            ridge.excerpt_loss(examples, served_weights, current))
+    if new_loss is None:
+        new_loss = ridge.excerpt_loss(examples, state_dict_bytes(result.model), meta)
+    return new_loss, ridge.excerpt_loss(examples, served_weights, current)
 
 
 # --- several processes ------------------------------------------------------------------------
@@ -882,7 +885,8 @@ def run(ctx) -> dict:
     incomparable = comparable(current, meta, space) or (None if ts.validation_rows else "no validation tracks")
     current_loss, new_loss = None, result.best_validation_loss
     if incomparable is None and "ridge" in (kind, current["train"].get("model") or "cnn"):
-        new_loss, current_loss = excerpt_gate_losses(ctx, result, meta, lk, current_id, current)
+        new_loss, current_loss = excerpt_gate_losses(ctx, result, meta, lk, current_id, current,
+                                                     (auto_losses or {}).get(kind))
     elif incomparable is None:
         from deepcuts.nn.model import model_dir
         current_loss = validation_loss_of(model_dir(lk, current_id), ts, t, device)
