@@ -10,7 +10,7 @@ import pytest
 from deepcuts.stages import infer
 from deepcuts.nn.model import FactorCNN, latest_model_id, load_artifact, save_artifact
 from deepcuts.core.lake import lake, read_pandas
-from deepcuts.core.tables import INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
+from deepcuts.core.tables import COLD_SOURCES, INFER_REJECTS, MELS, PREDICTED_FACTORS, SERVING_FACTORS, TRACK_FACTORS
 
 from conftest import copy_chain, make_config, run_stage, stage_context, write_arrow, write_rows
 
@@ -353,8 +353,9 @@ def test_demo_catalogue_every_ingested_track_served_once(spark, demo_chain, tmp_
     assert set(mels["track_id"]) <= set(served.index)
     usage = {t for t, n in als["n_listeners"].items() if n >= threshold}
     assert usage and usage != set(mels["track_id"])             # the demo exercises both sources
-    for tid, row in served.iterrows():
-        assert row["source"] == ("usage" if tid in usage or tid not in set(mels["track_id"]) else "audio")
+    for tid, row in served.iterrows():   # a cold track with a known artist may get the metadata prior
+        expected = ("usage",) if tid in usage or tid not in set(mels["track_id"]) else COLD_SOURCES
+        assert row["source"] in expected, (tid, row["source"])
     assert summary["serving_by_source"] == served["source"].value_counts().to_dict()
 
     again = run_stage(spark, cfg, "infer")

@@ -202,7 +202,7 @@ def test_stage_runs_record_manifests_and_every_engine_reads_the_same_rows(spark,
     runs = read_pandas(lk, "runs")
     row = runs[runs["run_id"] == summary["run_id"]].iloc[0]
     assert row["status"] == SUCCEEDED and row["stage"] == "ingest"
-    assert dict(row["tables_written"]) == {"mels": 0, "ingest_rejects": 0}
+    assert dict(row["tables_written"]) == {"mels": 0, "ingest_rejects": 0, "track_metadata": 0}
     assert dict(row["rows_written"])["mels"] == summary["ingested"]
 
     import duckdb

@@ -33,7 +33,7 @@ def test_whole_pipeline_with_the_warehouse_on_s3(tmp_path, demo_root, s3_bucket)
         client.upload_file(str(catalogue / row["uri"]), bucket, f"audio/{row['uri']}")
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=["track_id", "uri", "labels"])
+        out = csv.DictWriter(fh, fieldnames=list(rows[0]))   # the demo manifest's columns, artist too
         out.writeheader()
         for row in rows:
             out.writerow({**row, "uri": f"s3://{bucket}/audio/{row['uri']}"})
@@ -60,6 +60,8 @@ def test_whole_pipeline_with_the_warehouse_on_s3(tmp_path, demo_root, s3_bucket)
     mels = read_pandas(lk, "mels")
     assert len(mels) + len(read_pandas(lk, "ingest_rejects")) == len(rows)
     assert all(u.startswith(f"s3://{bucket}/audio/") for u in mels["source_uri"])
+    named = {r["track_id"] for r in rows if r.get("artist")}
+    assert named and set(read_pandas(lk, "track_metadata")["track_id"]) == named
     serving = read_pandas(lk, "serving_factors")
     assert serving["track_id"].is_unique and set(mels["track_id"]) <= set(serving["track_id"])
     runs = read_pandas(lk, "runs")

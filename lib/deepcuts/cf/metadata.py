@@ -112,7 +112,8 @@ def group_priors(targets, warm, metadata, levels: Sequence[str]):
     union = per_level[0]
     for frame in per_level[1:]:
         union = union.unionByName(frame)
-    best = union.groupBy("track_id").agg(F.min_by(F.struct("level", "prior", "group_tracks"), F.col("_rank")).alias("b"))
+    best = union.groupBy("track_id").agg(
+        F.min_by(F.struct("level", "prior", "group_tracks"), F.col("_rank")).alias("b"))   # the most specific
     return best.select("track_id", "b.level", "b.prior", "b.group_tracks")
 
 

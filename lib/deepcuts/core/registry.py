@@ -58,7 +58,8 @@ def _mel_layout(cfg) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "deepcuts.stages.ingest:run",
-          reads=(T.MELS, T.INGEST_REJECTS), writes=(T.MELS, T.INGEST_REJECTS, T.TRACK_METADATA),
+          reads=(T.MELS, T.INGEST_REJECTS, T.TRACK_METADATA),
+          writes=(T.MELS, T.INGEST_REJECTS, T.TRACK_METADATA),
           doc="audio (folder, manifest, s3 prefix) -> log-mel spectrograms", layout=_mel_layout, skippable=False),
     Stage("factors", "deepcuts.stages.factors:run",
           reads=(T.MELS, T.TRACK_FACTORS),

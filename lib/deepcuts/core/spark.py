@@ -168,6 +168,12 @@ def arrow_batches(spark, cfg: Config, rows: str) -> Iterator[None]:
             spark.conf.set(ARROW_BATCH_ROWS, saved)
 
 
+def same_rows(a, b) -> bool:
+    """Whether two DataFrames of the same columns hold the same multiset of rows (nulls equal)."""
+    b = b.select(*a.columns)
+    return a.exceptAll(b).isEmpty() and b.exceptAll(a).isEmpty()
+
+
 def checkpoint_dir(cfg: Config) -> str:
     if cfg.spark.checkpoint_dir:
         return cfg.spark.checkpoint_dir

@@ -172,8 +172,9 @@ def audio_in_als_space(ctx, cnn, tracks):
     model_id, folder, meta = cnn
     if meta.get("target") != "factors":
         raise Skip(f"model {model_id} has target {meta.get('target')!r}: not in the ALS space")
+    scale = median_als_norm(ctx.read(TRACK_FACTORS))
     return cnn_vectors(ctx, folder, model_id, tracks).select(
-        "track_id", audio_to_als_expr(F.col("factors"), meta, median_als_norm(ctx.read(TRACK_FACTORS))).alias("factors"))
+        "track_id", audio_to_als_expr(F.col("factors"), meta, scale).alias("factors"))
 
 
 def metadata_predictor_vectors(ctx, split: str, pop: ev.Population, cnn):
