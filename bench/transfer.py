@@ -3,9 +3,10 @@ the quality bench's folds: musicnn's MSD_vgg features + ridge into the ALS space
 pipeline's own model and MFCC baseline, and their ensembles.
 
 Reads a ``bench/quality.py`` folder (``--root``: its ``ingest`` warehouse and one
-``seed-<s>/default`` warehouse per hold-out seed).  Per track, MSD_vgg (``bench/musicnn_port.py``:
-the weights read from the musicnn wheel's checkpoint, its input interpolated from the stored
-mel, so nothing is decoded again) gives 1,970 pooled features; a ridge regression onto the
+``seed-<s>/default`` warehouse per hold-out seed).  Per track, MSD_vgg (``deepcuts.nn.pretrained``,
+what ``train.transfer = "musicnn"`` uses: the weights bootstrap converted from the musicnn wheel's
+checkpoint, its input interpolated from the stored mel, so nothing is decoded again) gives
+1,970 pooled features; a ridge regression onto the
 training tracks' unit ALS factors (penalty chosen on the seed's validation tracks, the CNN's)
 predicts every track.  Each predictor is scored with one numpy AUC (per user, mean over users)
 on the seed's cold split (the test split: report only) and validation split (where a default
@@ -13,7 +14,7 @@ would be chosen); on the pipeline's own vectors it reproduces ``evaluation_resul
 and printed).  Every predictor is unit-normalised (ensembles add the unit vectors), so its "model" row can
 differ from evaluate's, which scores the raw vectors.  Nothing is written.
 
-    .venv/bin/python bench/transfer.py --root BENCH_FOLDER [--cache ~/.cache/deepcuts]
+    .venv/bin/python bench/transfer.py --root BENCH_FOLDER
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import numpy as np
 
 from benchutil import peak_rss_mb
 from fixtures import game_music
-import musicnn_port
 
 PENALTIES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)       # x the feature count
 
@@ -80,24 +80,29 @@ def unit(vectors: dict) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="a bench/quality.py folder")
-    p.add_argument("--cache", default=str(Path("~/.cache/deepcuts").expanduser()))
     default_plays = game_music.Paths(game_music.default_cache(), game_music.set_name(game_music.DEFAULT_PACKAGES),
                                      game_music.DEFAULT_LISTENERS, game_music.LISTENER_SEED).plays
     p.add_argument("--plays", default=str(default_plays), help="the plays the bench's factors read")
     args = p.parse_args()
     import pandas as pd
     import torch
+    from deepcuts.core.config import load_config
     from deepcuts.core.lake import Lake, read_pandas
+    from deepcuts.nn import pretrained
 
     root = Path(args.root)
     saved = json.loads((root / "results.json").read_text())
     torch.set_num_threads(1)
     started = time.time()
-    net = musicnn_port.build(musicnn_port.fetch_checkpoint(Path(args.cache) / "musicnn"))
+    cfg = load_config()
     mels = read_pandas(Lake(str(root / "ingest")), "mels", columns=["track_id", "mel", "n_mels", "n_frames"])
-    features = {r.track_id: musicnn_port.track_features(
-        net, np.frombuffer(r.mel, np.float16).reshape(r.n_mels, r.n_frames).astype(np.float32))
-        for r in mels.itertuples()}
+    n_mels = int(mels["n_mels"].iloc[0])
+    net = pretrained.TransferFeatures(n_mels).configure(       # on the stored dB mels: no normalisation
+        pretrained.load_weights(cfg.train.transfer_weights), cfg.ingest.sample_rate, cfg.ingest.hop_length,
+        np.zeros(n_mels), np.ones(n_mels)).eval()
+    with torch.inference_mode():
+        features = {r.track_id: net(torch.from_numpy(np.frombuffer(r.mel, np.float16).reshape(
+            1, r.n_mels, r.n_frames).astype(np.float32)))[0].numpy() for r in mels.itertuples()}
     featured = time.time() - started
     print(f"musicnn MSD_vgg features: {len(features)} tracks, {featured:.0f} s "
           f"({featured / len(features) * 1000:.0f} ms a track, one thread)", flush=True)
@@ -145,7 +150,8 @@ def main() -> int:
     print(f"{'predictor':26s} {'cold AUC':>17s} {'gap closed':>11s} {'validation AUC':>17s}")
     for name in preds:
         r = table[table["predictor"] == name]
-        print(f"{name:26s} {r['cold'].mean():8.4f} ± {r['cold'].std():.4f} {(r['cold'].mean() - 0.5) / (upper - 0.5):10.1%} "
+        gap = (r["cold"].mean() - 0.5) / (upper - 0.5)
+        print(f"{name:26s} {r['cold'].mean():8.4f} ± {r['cold'].std():.4f} {gap:10.1%} "
               f"{r['validation'].mean():8.4f} ± {r['validation'].std():.4f}")
     print(f"\nwall {time.time() - started:.0f} s; peak RSS {peak_rss_mb():.0f} MB")
     return 0

@@ -57,6 +57,16 @@ if [ ! -f "$jar_stamp" ] || [ "$(cat "$jar_stamp")" != "$packages" ]; then
   echo "$packages" > "$jar_stamp"
 fi
 
+# Pretrained weights for train.transfer = "musicnn" (issue 13), once: musicnn's MSD_vgg checkpoint
+# from the musicnn wheel on PyPI (downloaded, not installed), converted to a torch state dict in
+# the venv.  Without it the pipeline still runs; only train.transfer = "musicnn" refuses to start.
+weights=.venv/share/deepcuts/musicnn-msd_vgg.pt
+if [ ! -f "$weights" ]; then
+  echo "bootstrap: converting musicnn's pretrained MSD_vgg weights into $weights" >&2
+  .venv/bin/python -m deepcuts.nn.pretrained install "$weights" >&2 ||
+    echo "bootstrap: could not fetch or convert the musicnn weights; train.transfer = 'musicnn' is unavailable" >&2
+fi
+
 # Test-only (`bin/bootstrap.sh --test`, as run-tests.sh calls it): the encoders that
 # tests/encoder_fixtures.py makes real-encoder files with (issue 10), installed only when one is
 # missing and we are root; otherwise those tests skip and say why.

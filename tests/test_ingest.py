@@ -210,6 +210,10 @@ def test_manifest_source_with_labels_metadata_bad_rows_and_duplicates(spark, tmp
     meta = read_pandas(wh, "track_metadata").set_index("track_id")
     assert meta.loc["ta", "artist"] == "Another Band" and meta.loc["ta", "album"] is None
     assert meta.loc["tb", "artist"] == "Trio" and len(meta) == 3
+    # The same manifest again: no commit, so the stages reading track_metadata can skip.
+    version = wh.version("track_metadata")
+    third = run_stage(spark, cfg, "ingest")
+    assert third["track_metadata"]["table"] == "unchanged" and wh.version("track_metadata") == version
 
 
 @pytest.mark.s3

@@ -144,7 +144,10 @@ def test_ridge_is_fitted_gated_on_whole_excerpts_served_and_auto_keeps_the_bette
     summary = run_stage(spark, cfg, "train")
     assert summary["model"] == "ridge (train.model = 'ridge')" and summary["model_id"].startswith("ridge-")
     ridge_info = summary["ridge"]
-    assert ridge_info["chosen_by"] == "validation" and ridge_info["features"] == 3 * (cfg.ingest.n_mels + 3 * 24)
+    from deepcuts.nn.pretrained import FEATURES
+    pretrained = FEATURES if cfg.train.transfer == "musicnn" else 0      # on by default (tests/test_pretrained.py)
+    assert ridge_info["transfer"] == cfg.train.transfer
+    assert ridge_info["chosen_by"] == "validation" and ridge_info["features"] == 3 * (cfg.ingest.n_mels + 3 * 24) + pretrained
     assert ridge_info["penalty"] in cfg.train.ridge_penalties
     gate = summary["promotion"]
     assert gate["current_model"] == demo_chain.summaries["train"]["model_id"]

@@ -132,6 +132,9 @@ class TrainConf:
                       doc="cnn: trained by SGD; ridge: random conv features + ridge; auto: by training-set size")
     auto_ridge_below_tracks: int = rule(min=0, doc="model = auto: ridge below this many training tracks, else cnn")
     ridge_penalties: list[float] = rule(doc="ridge: penalties tried (x the feature count), chosen on validation")
+    transfer: str = rule(choices=("none", "musicnn"),
+                         doc="ridge (and auto's ridge candidate): also a pretrained network's features; the cnn ignores it")
+    transfer_weights: str = rule(doc="transfer: the converted weights bootstrap makes (relative: to the venv)")
     target: str = rule(choices=("factors", "labels"))
     loss: str = rule(choices=("mse", "wpe"))
     crop_seconds: float = rule(min=0.5)

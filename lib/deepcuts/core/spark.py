@@ -201,10 +201,21 @@ def add_moments(x: dict, y: dict) -> dict:
     return {key: x[key] + y[key] for key in x}
 
 
+MOMENT_CHUNK_BYTES = 8 << 20   # a partial crosses the JVM as rows of at most this many bytes
+
+
 def sum_moments(df, partial) -> dict | None:
     """Sum ``partial(pandas batch) -> dict of arrays`` (e.g. ``cf.baseline.cross_moments``) over
-    every row of ``df``: one encoded partial per partition, added pairwise on the executors
-    (``treeReduce``), so the driver receives one sum, never the rows.  None for no rows."""
+    every row of ``df``: one partial per partition, added pairwise on the executors
+    (``treeAggregate``), so the driver receives one sum, never the rows.  None for no rows.
+
+    A partial can be large (d x d doubles: 174 MB at d = 4,658), so it leaves the pandas
+    worker in ``MOMENT_CHUNK_BYTES`` rows tagged with the partition's own token and is joined
+    again in the Python worker that reduces: the JVM never pickles one huge value (a 174 MB
+    row did not fit a 4 GB driver heap in local mode).  The rows are computed once (no
+    ``isEmpty`` probe that would run a partition's forward pass twice)."""
+    import uuid
+
     import pandas as pd
 
     def per_partition(batches):
@@ -215,9 +226,22 @@ def sum_moments(df, partial) -> dict | None:
                 got = partial(batch)
                 total = got if total is None else add_moments(total, got)
         if total is not None:
-            yield pd.DataFrame({"blob": [_encode_moments(total)]})
+            blob, token = _encode_moments(total), uuid.uuid4().hex
+            for start in range(0, len(blob), MOMENT_CHUNK_BYTES):
+                yield pd.DataFrame({"part": [token], "chunk": [blob[start:start + MOMENT_CHUNK_BYTES]]})
 
-    parts = df.mapInPandas(per_partition, "blob binary").rdd.map(lambda row: _decode_moments(bytes(row["blob"])))
-    if parts.isEmpty():
-        return None
-    return parts.treeReduce(add_moments, depth=2)
+    def join_partials(rows):
+        chunks: dict[str, list[bytes]] = {}
+        for row in rows:                   # one partition's chunks arrive in order
+            chunks.setdefault(row["part"], []).append(bytes(row["chunk"]))
+        total = None
+        for pieces in chunks.values():
+            total = combine(total, _decode_moments(b"".join(pieces)))
+        if total is not None:
+            yield total
+
+    def combine(x, y):
+        return y if x is None else x if y is None else add_moments(x, y)
+
+    parts = df.mapInPandas(per_partition, "part string, chunk binary").rdd.mapPartitions(join_partials)
+    return parts.treeAggregate(None, combine, combine, depth=2)

@@ -16,7 +16,9 @@ Two kinds (``train.model``):
   every conv block pooled over time (mean, max, root-mean-square: length-independent, so a
   30 s excerpt and a 3 s window give comparable features), and one linear layer fitted in
   closed form by ridge regression (:mod:`deepcuts.nn.ridge`).  The mel's pooled bands carry
-  the MFCC statistics linearly (an MFCC is a DCT of the log-mel).
+  the MFCC statistics linearly (an MFCC is a DCT of the log-mel).  With ``train.transfer =
+  "musicnn"`` the features of a pretrained music network are appended
+  (:class:`deepcuts.nn.pretrained.TransferFeatures`, weights carried in the artifact).
 
 Artifact layout under the warehouse root::
 
@@ -117,7 +119,7 @@ class FactorCNN(nn.Module):
 
     def __init__(self, n_mels: int, out_dim: int, conv_channels: Sequence[int], conv_kernel: int,
                  pool_sizes: Sequence[int], dense_units: int, dropout: float, target: str = "factors",
-                 kind: str = "cnn", pooling: str = "l2"):
+                 kind: str = "cnn", pooling: str = "l2", transfer: str = "none"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target {target!r}: expected one of {TARGETS}")
@@ -125,9 +127,14 @@ class FactorCNN(nn.Module):
             raise ValueError(f"model kind {kind!r}: expected one of {MODEL_KINDS}")
         if kind == "ridge" and target != "factors":
             raise ValueError("a ridge model regresses factors; a labels target needs the cnn")
+        from deepcuts.nn.pretrained import FEATURES, NETWORKS, TransferFeatures
+        if transfer not in NETWORKS:
+            raise ValueError(f"transfer {transfer!r}: expected one of {NETWORKS}")
+        if transfer != "none" and kind != "ridge":
+            raise ValueError("pretrained features feed the ridge model; the cnn trains its own")
         if len(conv_channels) != len(pool_sizes):
             raise ValueError("one pool size per conv layer is needed")
-        self.target, self.kind = target, kind
+        self.target, self.kind, self.transfer_name = target, kind, transfer
         self.n_mels = n_mels
         self.out_dim = out_dim
         self.min_frames = min_frames(conv_kernel, pool_sizes)
@@ -139,8 +146,9 @@ class FactorCNN(nn.Module):
         self.convs = nn.Sequential(*layers)
         # A ridge model pools rms always: its features must not grow with the excerpt's length.
         self.pool = GlobalTemporalPooling("rms" if kind == "ridge" else pooling)
+        self.transfer = TransferFeatures(n_mels) if transfer != "none" else None
         if kind == "ridge":
-            self.pooled_dim = 3 * (n_mels + sum(conv_channels))
+            self.pooled_dim = 3 * (n_mels + sum(conv_channels)) + (FEATURES if self.transfer is not None else 0)
             self.dense = nn.Identity()
             self.output = nn.Linear(self.pooled_dim, out_dim)
         else:
@@ -155,14 +163,16 @@ class FactorCNN(nn.Module):
         """Build from a ``TrainConf`` (or its dict, as stored in ``meta['train']``).  The kind is
         ``train.model``; the train stage resolves ``"auto"`` by the training set's size before
         it builds, so "auto" here (a conf used directly, an artifact older than the key) is
-        the cnn, and a missing ``pooling`` (artifacts older than the key) is "l2"."""
+        the cnn; a missing ``pooling`` / ``transfer`` (artifacts older than the key) is "l2" /
+        "none", and the transfer applies to a ridge model only (auto's cnn ignores it)."""
         get = train_conf.get if isinstance(train_conf, Mapping) else lambda k: getattr(train_conf, k, None)
         kind = str(get("model") or "auto")
         kind = "cnn" if kind == "auto" else kind
         return cls(n_mels=n_mels, out_dim=out_dim, conv_channels=list(get("conv_channels")),
                    conv_kernel=int(get("conv_kernel")), pool_sizes=list(get("pool_sizes")),
                    dense_units=int(get("dense_units")), dropout=float(get("dropout")),
-                   target=str(get("target")), kind=kind, pooling=str(get("pooling") or "l2"))
+                   target=str(get("target")), kind=kind, pooling=str(get("pooling") or "l2"),
+                   transfer=str(get("transfer") or "none") if kind == "ridge" else "none")
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised mels [B, n_mels, T] -> the pooled features the head reads [B, pooled_dim]."""
@@ -170,10 +180,12 @@ class FactorCNN(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} frames; the model needs at least {self.min_frames}")
         if self.kind == "cnn":
             return self.pool(self.convs(x))
-        parts = [self.pool(x)]
+        parts, mels = [self.pool(x)], x
         for start in range(0, len(self.convs), 3):
             x = self.convs[start + 2](self.convs[start + 1](self.convs[start](x)))
             parts.append(self.pool(x))
+        if self.transfer is not None:
+            parts.append(self.transfer(mels))        # last: the Scorer appends it after the conv layers too
         return torch.cat(parts, dim=1)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +323,8 @@ class Scorer:
     once to the compute dtype instead of autocasting every call.  Global pooling runs in
     float32 (a long excerpt's L2 norm overflows float16), and so does a ridge model's linear
     head: its weights carry the feature standardisation, whose offsets cancel in bfloat16.
+    Pretrained features (``train.transfer``) are computed once per track in float32 and, when
+    scoring windows, shared by every window (they already average over 3 s patches).
 
     Windows share one pass of the conv stack: with valid convolutions and floor pooling, a
     window starting at a multiple of the total pooling stride sees exactly a slice of the
@@ -330,6 +344,7 @@ class Scorer:
         self.stride = int(np.prod([pool for _, _, pool in self.convs]))
         self.ridge = model.kind == "ridge"
         self.spread = model.pool.spread
+        self.transfer = model.transfer      # pretrained features: float32, on the model's device
         if self.ridge:
             self.head_dtype = torch.float32
             self.head = copy.deepcopy(model.output).to(device, torch.float32).eval()
@@ -374,14 +389,18 @@ class Scorer:
         """Normalised mels -> float32 track vectors: one pass, or the mean over windows."""
         layers = self._pooled_layers(x)
         if window is None or x.shape[-1] <= window:
-            pooled = torch.cat([pool_over_time(f, dim=2, spread=self.spread) for f, _, _ in layers], dim=1)
-            return self.head(pooled.to(self.head_dtype)).float()
+            parts = [pool_over_time(f, dim=2, spread=self.spread) for f, _, _ in layers]
+            if self.transfer is not None:
+                parts.append(self.transfer(x))
+            return self.head(torch.cat(parts, dim=1).to(self.head_dtype)).float()
         starts = torch.tensor(window_starts(x.shape[-1], window, self.stride), device=x.device)
         parts = []
         for feats, stride, blocks in layers:
             index = starts[:, None] // stride + torch.arange(self.out_frames(window, blocks), device=x.device)
             assert int(index.max()) < feats.shape[-1], "window past the excerpt's features"
             parts.append(pool_over_time(feats[:, :, index], dim=3, spread=self.spread))  # [B, 3C, K]
+        if self.transfer is not None:     # a track-level feature: the same for every window
+            parts.append(self.transfer(x)[:, :, None].expand(-1, -1, len(starts)))
         pooled = torch.cat(parts, dim=1)
         batch, n_windows = pooled.shape[0], pooled.shape[2]
         out = self.head(pooled.transpose(1, 2).reshape(batch * n_windows, -1).to(self.head_dtype))

@@ -8,9 +8,11 @@ linear model beat MFCCs on small datasets (Pons & Serra 2019).  So:
 2. Every training and validation track's *whole* stored excerpt (what infer scores, not a
    crop) goes through it on the executors; ``FactorCNN.pooled`` gives mean / max / rms over
    time of the normalised mel and of every conv block (3 x (n_mels + sum of channels)
-   numbers: 2,688 at the defaults).
+   numbers: 2,688 at the defaults), and with ``train.transfer = "musicnn"`` the 1,970
+   features of a pretrained network (:mod:`deepcuts.nn.pretrained`).
 3. The executors sum the moments of (features, target) per split (``core.spark.sum_moments``):
-   the driver receives d x d numbers (58 MB at d = 2,688), never a track.
+   the driver receives d x d numbers (58 MB at d = 2,688, 174 MB at 4,658 with the
+   pretrained features), never a track.
 4. The driver standardises the features, takes one eigendecomposition of their correlation
    matrix, and solves ridge for every penalty of ``train.ridge_penalties`` (relative to the
    number of features, i.e. the trace of that matrix).  The penalty with the least
@@ -149,7 +151,7 @@ def split_moments(examples_df, model, mel_mean: np.ndarray, mel_std: np.ndarray)
                 conv_channels=[m.out_channels for m in model.convs[0::3]],
                 conv_kernel=int(model.convs[0].kernel_size[0]),
                 pool_sizes=[int(m.kernel_size) for m in model.convs[2::3]], dense_units=1, dropout=0.0,
-                pooling=model.pool.spread)
+                pooling=model.pool.spread, transfer=model.transfer_name)
     executor_model = broadcast_model(examples_df, state_dict_bytes(model), lambda: FactorCNN(**spec))
 
     def partial(batch):

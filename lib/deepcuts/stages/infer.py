@@ -47,6 +47,9 @@ default is chosen on the validation split, never on the cold test tracks
 (``bench/infer_quality.py``; default demo, 23 validation tracks, 1,368 users): whole
 mAP@500 / AUC 0.5094 / 0.8679, windows 0.4896 / 0.8649.
 The windows share one pass of the conv stack (``model.Scorer``), so both cost about the same.
+A ridge model with pretrained features (``train.transfer = "musicnn"``) adds ~0.5 core-s per
+30 s excerpt in float32 whatever the precision (~150 core-hours for a full pass at 10^6
+tracks, ~1,500 at 10^7; :mod:`deepcuts.nn.pretrained`).
 
 Incremental mode rescores only tracks whose (fingerprint, model) has no committed
 prediction; only the data files holding superseded rows are rewritten.  A new model id

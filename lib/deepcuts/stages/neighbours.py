@@ -48,7 +48,7 @@ import posixpath
 import time
 
 from deepcuts.core.errors import InputMissing
-from deepcuts.core.tables import (COLD_SOURCES, MELS, NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS, PREDICTED_FACTORS,
+from deepcuts.core.tables import (COLD_SOURCES, MELS, NEIGHBOUR_METRICS, NEIGHBOUR_REJECTS,
                                   SERVING_FACTORS, SIMILAR_TRACKS, SOUNDS_LIKE, USER_FACTORS,
                                   USER_RECOMMENDATIONS)
 from deepcuts.knn import persist, sharded

@@ -5,7 +5,9 @@
 2. ``train.model`` picks the model (``resolve_model_kind``; ``"auto"`` by the training set's
    size).  ``"ridge"``: ``fit_ridge_model`` runs the random conv stack once over both splits
    on the executors and fits the linear head in closed form (:mod:`deepcuts.nn.ridge`; ~30
-   core-hours at 10^6 tracks, ~300 at 10^7, the driver holding d x d moments only).
+   core-hours at 10^6 tracks, ~300 at 10^7, the driver holding d x d moments only; with
+   ``train.transfer = "musicnn"`` the pretrained network's features too, ~150 more at 10^6,
+   :mod:`deepcuts.nn.pretrained`).
    ``"cnn"``: ``train_model`` (plain torch, no Spark) streams random crops through ``loader.EpochReader``,
    with per-band normalisation computed once on the training set.  CUDA with mixed precision
    when present, else CPU, one code path.  A checkpoint after every epoch; a re-run with the
@@ -552,6 +554,16 @@ def ridge_unsupported(t: TrainConf) -> str | None:
     return None
 
 
+def missing_transfer(t: TrainConf) -> str | None:
+    """Why the pretrained features ``train.transfer`` asks for cannot be read (None: they can,
+    or none are asked for): the converted weights file is not there."""
+    if t.transfer == "none":
+        return None
+    from deepcuts.nn.pretrained import weights_file
+    path = weights_file(t.transfer_weights)
+    return None if path.is_file() else f"{path} is missing (bin/bootstrap.sh converts it)"
+
+
 def candidate_kinds(t: TrainConf, train_rows: int) -> tuple[list[str], str]:
     """The models to fit for ``train.model`` and this many training tracks, and why.  ``auto``
     below ``auto_ridge_below_tracks``: both, and the one with the lower validation loss is
@@ -587,6 +599,10 @@ def fit_ridge_model(ctx, cfg: Config, ts: TrainingSet, run_id: str, echo=print) 
     started = time.time()
     mel_mean, mel_std = band_statistics(ts.train_files, ts.train_rows, ts.n_mels, ts.crop_frames, t.seed,
                                         workers=t.loader_workers, empty_epoch_retries=t.epoch_retries)
+    if model.transfer is not None:
+        from deepcuts.nn.pretrained import load_weights
+        model.transfer.configure(load_weights(t.transfer_weights), cfg.ingest.sample_rate, cfg.ingest.hop_length,
+                                 mel_mean, mel_std)
     train_m = ridge.split_moments(ctx.read(TRAIN_EXAMPLES), model, mel_mean, mel_std)
     val_m = ridge.split_moments(ctx.read(VALIDATION_EXAMPLES), model, mel_mean, mel_std) if ts.validation_rows else None
     got = (int(train_m["n"]) if train_m else 0, int(val_m["n"]) if val_m else 0)
@@ -598,13 +614,15 @@ def fit_ridge_model(ctx, cfg: Config, ts: TrainingSet, run_id: str, echo=print) 
     seconds = time.time() - started
     model_id = f"ridge-{run_id.split('-', 1)[-1]}"
     validation_loss = fitted.validation_loss if fitted.validation_loss is not None else fitted.train_loss
-    echo(f"train: ridge on {fitted.used_features} of {fitted.features} pooled random-conv features, penalty "
+    what = "random-conv" + (f" + {t.transfer}" if model.transfer is not None else "")
+    echo(f"train: ridge on {fitted.used_features} of {fitted.features} pooled {what} features, penalty "
          f"{fitted.penalty:g} (by {fitted.chosen_by}): train loss {fitted.train_loss:.5f}, validation "
          f"{validation_loss:.5f}, {seconds:.1f} s")
     history = [{"model_id": model_id, "epoch": 1, "train_loss": fitted.train_loss, "validation_loss": validation_loss,
                 "train_rows": ts.train_rows, "validation_rows": ts.validation_rows, "crops_per_s": None,
                 "learning_rate": None, "seconds": seconds, "run_id": run_id}]
     extra = {"ridge": {"penalty": fitted.penalty, "chosen_by": fitted.chosen_by, "features": fitted.features,
+                       "transfer": model.transfer_name,
                        "used_features": fitted.used_features,
                        "losses": {f"{p:g}": {k: (None if v is None else round(v, 6)) for k, v in row.items()}
                                   for p, row in fitted.losses.items()}}}
@@ -838,6 +856,9 @@ def run(ctx) -> dict:
     if t.model == "ridge" and ridge_unsupported(t):
         from deepcuts.core.config import ConfigError
         raise ConfigError(f"train.model = 'ridge': {ridge_unsupported(t)}")
+    if t.model == "ridge" and missing_transfer(t):
+        from deepcuts.nn.pretrained import PretrainedWeightsMissing
+        raise PretrainedWeightsMissing(f"train.transfer = {t.transfer!r}: {missing_transfer(t)}")   # before any Spark work
     from deepcuts.stages.content import check_train_target
     check_train_target(cfg)   # target factors without plays: a configuration error (exit 2)
     current_id, current = served_model(lk)
@@ -859,10 +880,15 @@ def run(ctx) -> dict:
     echo(f"train: {ts.train_rows} train / {ts.validation_rows} validation tracks, target {ts.target} "
          f"({ts.out_dim} outputs), model {' and '.join(kinds)} ({kind_reason}), {ts.crop_frames}-frame crops, "
          f"device {device.type}")
+    transfer_skipped = missing_transfer(t) if t.model == "auto" and "ridge" in kinds else None
+    if transfer_skipped:      # auto goes on with the plain ridge candidate; an explicit ridge fails on it
+        echo(f"train: warning: train.transfer = {t.transfer!r} skipped: {transfer_skipped}")
+        t = dataclasses.replace(t, transfer="none")
     fitted = {}
     for kind in kinds:
-        # the artifact records the kind it is
-        cfg_kind = dataclasses.replace(cfg, train=dataclasses.replace(t, model=kind))
+        # the artifact records the kind it is (and pretrained features only where it reads them)
+        cfg_kind = dataclasses.replace(cfg, train=dataclasses.replace(
+            t, model=kind, transfer=t.transfer if kind == "ridge" else "none"))
         fitted[kind] = (cfg_kind, fit_ridge_model(ctx, cfg_kind, ts, run_id, echo=echo) if kind == "ridge"
                         else train_model(cfg_kind, ts, lk, run_id, device, echo=echo))
     auto_losses = None
@@ -919,6 +945,8 @@ def run(ctx) -> dict:
     summary["model"] = f"{kind} ({kind_reason})"
     if auto_losses is not None:
         summary["auto_validation_losses"] = {k: None if v is None else round(v, 6) for k, v in auto_losses.items()}
+    if transfer_skipped:
+        summary["transfer_skipped"] = transfer_skipped
     if "ridge" in result.extra:
         summary["ridge"] = result.extra["ridge"]
     elif result.extra:   # train.processes > 1: the shards and the epoch plan the ranks ran
