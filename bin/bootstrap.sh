@@ -59,7 +59,8 @@ fi
 
 # Pretrained weights for train.transfer = "musicnn" (issue 13), once: musicnn's MSD_vgg checkpoint
 # from the musicnn wheel on PyPI (downloaded, not installed), converted to a torch state dict in
-# the venv.  Without it the pipeline still runs; only train.transfer = "musicnn" refuses to start.
+# the venv.  Without it the pipeline still runs: train.model = "auto" fits its ridge candidate on the
+# random-conv features alone (and says so); only an explicit train.model = "ridge" refuses to start.
 weights=.venv/share/deepcuts/musicnn-msd_vgg.pt
 if [ ! -f "$weights" ]; then
   echo "bootstrap: converting musicnn's pretrained MSD_vgg weights into $weights" >&2

@@ -24,7 +24,7 @@ stack of the ridge model takes 9 ms): at 10^6 tracks ~150 core-hours more in inf
 track; a nightly run scores only new and changed ones) and in train (its training tracks),
 ~1,500 at 10^7.  bfloat16 would be 1.6x faster but moves features by ~0.7 % of their range,
 which the ridge head's standardisation amplifies, so it runs in float32.  Memory per task:
-one track's patches.
+``PATCHES_PER_PASS`` patches' activations at a time, whatever the batch of tracks.
 """
 from __future__ import annotations
 

@@ -319,6 +319,8 @@ def run(ctx) -> dict:
     rej_committed = ctx.write(all_rejects.repartition(1), INGEST_REJECTS)
     # Metadata: what the manifest says now, whole (an edited artist needs no re-decode); no
     # commit when it is what the table holds, so an unchanged night leaves infer skippable.
+    # Persisted: compared, maybe written and counted, it would re-read and re-rank the manifest each time.
+    metadata = metadata.persist(StorageLevel.MEMORY_AND_DISK)
     meta_committed = "unchanged"
     if not ctx.exists(TRACK_METADATA) or not same_rows(metadata, ctx.read(TRACK_METADATA).drop("run_id")):
         meta_committed = ctx.write(metadata.withColumn("run_id", run_lit), TRACK_METADATA)
@@ -329,6 +331,7 @@ def run(ctx) -> dict:
     decoded.unpersist()
     plan.unpersist()
     listing.unpersist()
+    metadata.unpersist()
     delete_tree(ctx.path("_staging", run_id))
     rejected = dict(sorted({**reason_counts, **n_catalogue_rejects}.items()))
     return {

@@ -856,9 +856,10 @@ def run(ctx) -> dict:
     if t.model == "ridge" and ridge_unsupported(t):
         from deepcuts.core.config import ConfigError
         raise ConfigError(f"train.model = 'ridge': {ridge_unsupported(t)}")
-    if t.model == "ridge" and missing_transfer(t):
+    missing = missing_transfer(t) if t.model == "ridge" else None
+    if missing:
         from deepcuts.nn.pretrained import PretrainedWeightsMissing
-        raise PretrainedWeightsMissing(f"train.transfer = {t.transfer!r}: {missing_transfer(t)}")   # before any Spark work
+        raise PretrainedWeightsMissing(f"train.transfer = {t.transfer!r}: {missing}")   # before any Spark work
     from deepcuts.stages.content import check_train_target
     check_train_target(cfg)   # target factors without plays: a configuration error (exit 2)
     current_id, current = served_model(lk)
